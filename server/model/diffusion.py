@@ -1,0 +1,354 @@
+"""Diffusion samplers for Ca2-VDM inference: respaced IDDPM ancestral sampling and deterministic DDIM.
+
+The model was trained on a 1000-step linear-beta schedule and predicts epsilon plus a learned-range
+variance (2C output channels). At inference a shorter, evenly strided subset of the training timesteps
+is used; both samplers here are written against that respaced chain.
+
+The server batches sessions that sit at different denoising steps, so every per-step quantity is looked
+up per batch element from small precomputed tables (one gather, no Python loop over the batch, no host
+sync). Tables are derived in float64 and stored in float32, with the update folded into
+``a * x_t + b * eps`` form so float32 never has to carry the large ``x0 = x_t / sqrt(alpha_bar)`` that
+appears near pure noise.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "DDIMSampler",
+    "IDDPMSampler",
+    "Sampler",
+    "classifier_free_guidance",
+    "linear_betas",
+    "make_sampler",
+    "space_timesteps",
+]
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+DEFAULT_STEPS: dict[str, int] = {"iddpm": 100, "ddim": 25}
+
+
+def linear_betas(num_train_steps: int = 1000) -> torch.Tensor:
+    """Linear beta schedule of Ho et al., rescaled so any step count spans the same total noise.
+
+    Returns float64 (num_train_steps,).
+    """
+    if num_train_steps < 1:
+        raise ValueError(f"num_train_steps must be >= 1, got {num_train_steps}")
+    scale = 1000.0 / num_train_steps
+    return torch.linspace(scale * 1e-4, scale * 0.02, num_train_steps, dtype=torch.float64)
+
+
+def space_timesteps(num_train_steps: int, num_steps: int) -> list[int]:
+    """Pick ``num_steps`` training timesteps evenly strided over [0, num_train_steps - 1], ascending.
+
+    The position accumulates a fractional stride and is rounded with Python's ``round`` at each step,
+    which is what decides ties (e.g. 166.5 -> 166), so the chosen timesteps match the ones the
+    reference sampler uses for the same step count.
+    """
+    if num_train_steps < 1:
+        raise ValueError(f"num_train_steps must be >= 1, got {num_train_steps}")
+    if not 1 <= num_steps <= num_train_steps:
+        raise ValueError(f"num_steps must be in [1, num_train_steps={num_train_steps}], got {num_steps}")
+    stride = 1.0 if num_steps == 1 else (num_train_steps - 1) / (num_steps - 1)
+    taken: set[int] = set()
+    pos = 0.0
+    for _ in range(num_steps):
+        taken.add(round(pos))
+        pos += stride
+    return sorted(taken)
+
+
+def _respaced_alpha_bars(num_train_steps: int, num_steps: int) -> tuple[list[int], torch.Tensor]:
+    """Used timesteps and the float64 cumulative alphas of the training schedule at those timesteps."""
+    used = space_timesteps(num_train_steps, num_steps)
+    alpha_bar = torch.cumprod(1.0 - linear_betas(num_train_steps), dim=0)
+    return used, alpha_bar[torch.tensor(used, dtype=torch.long)]  # (num_steps,)
+
+
+class Sampler(ABC):
+    """Reverse-diffusion step over a respaced chain of ``num_steps`` indices.
+
+    Contract shared by all samplers:
+
+    - Indices ``k`` run from ``num_steps - 1`` (pure noise) down to 0 (clean); the model must be called
+      with the ORIGINAL training timestep ``timesteps[k]``, never with ``k`` itself.
+    - ``step(x_t, model_out, k, noise)``: ``x_t`` (B, C, ...) float32, ``model_out`` (B, 2C, ...) with
+      epsilon in the first C channels and learned-range variance values in [-1, 1] in the last C;
+      ``k`` is an integer tensor (B,) so each element may be at its own index. Returns x at index
+      ``k - 1`` (the final sample when ``k == 0``), float32.
+    - ``noise`` (same shape as ``x_t``) is required exactly when ``needs_noise`` is true, so the caller
+      can skip drawing it for deterministic samplers.
+    - ``q_sample(x0, k, noise)`` noises clean data to the level of index ``k`` (prefix perturbation).
+    - All per-step tables live on one device; ``to(device)`` moves them and returns ``self``.
+    """
+
+    num_steps: int
+    num_train_steps: int
+    timesteps: torch.Tensor  # (num_steps,) long: training timestep of each index k, ascending
+
+    def __init__(self, num_steps: int, num_train_steps: int = 1000) -> None:
+        used, alpha_bar = _respaced_alpha_bars(num_train_steps, num_steps)
+        self.num_steps = num_steps
+        self.num_train_steps = num_train_steps
+        self.timesteps = torch.tensor(used, dtype=torch.long)
+        # (2, num_steps): sqrt(alpha_bar), sqrt(1 - alpha_bar) for q_sample
+        self._q_table = torch.stack([alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()]).float()
+        self._step_table = self._build_step_table(alpha_bar).float()  # (rows, num_steps)
+
+    @property
+    @abstractmethod
+    def needs_noise(self) -> bool:
+        """Whether ``step`` consumes fresh Gaussian noise."""
+
+    @abstractmethod
+    def _build_step_table(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """Per-index coefficients (rows, num_steps) in float64 from the respaced alpha_bar (num_steps,)."""
+
+    @abstractmethod
+    def _apply(
+        self,
+        x_t: torch.Tensor,
+        eps: torch.Tensor,
+        var_values: torch.Tensor,
+        coef: torch.Tensor,
+        nonzero: torch.Tensor,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The update itself; ``coef`` is (rows, B, 1, ...) gathered at k, ``nonzero`` (B, 1, ...)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self._step_table.device
+
+    def to(self, device: torch.device | str) -> Sampler:
+        """Move the tables (e.g. to the GPU once, so each step is a single on-device gather)."""
+        self.timesteps = self.timesteps.to(device)
+        self._q_table = self._q_table.to(device)
+        self._step_table = self._step_table.to(device)
+        return self
+
+    def _index(self, k: torch.Tensor | int, batch: int) -> torch.Tensor:
+        """Validate a per-element index (B,); tensor values are not read, so no host sync."""
+        if isinstance(k, int) and not isinstance(k, bool):
+            if not 0 <= k < self.num_steps:
+                raise ValueError(f"k must be in [0, {self.num_steps - 1}], got {k}")
+            return torch.full((batch,), k, dtype=torch.long)
+        integer = isinstance(k, torch.Tensor) and not (
+            k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool
+        )
+        if not integer:
+            raise ValueError("k must be an integer tensor of shape (B,) or a Python int")
+        if k.shape != (batch,):
+            raise ValueError(f"k must have shape ({batch},), got {tuple(k.shape)}")
+        return k
+
+    def _gather(self, table: torch.Tensor, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Rows of ``table`` at each element's index, as (rows, B, 1, ...) to broadcast with ``like``."""
+        vals = table[:, k.to(table.device)].to(like.device)  # (rows, B)
+        return vals.view(table.shape[0], like.shape[0], *([1] * (like.dim() - 1)))
+
+    def step(
+        self,
+        x_t: torch.Tensor,
+        model_out: torch.Tensor,
+        k: torch.Tensor | int,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One reverse step from index k to k - 1 for every batch element (see the class contract)."""
+        if x_t.dim() < 2:
+            raise ValueError(f"x_t must be (B, C, ...), got shape {tuple(x_t.shape)}")
+        b, c = x_t.shape[:2]
+        expected = (b, 2 * c, *x_t.shape[2:])
+        if tuple(model_out.shape) != expected:
+            raise ValueError(f"model_out must be {expected} (eps + variance), got {tuple(model_out.shape)}")
+        if self.needs_noise:
+            if noise is None:
+                raise ValueError(f"{type(self).__name__}.step needs noise shaped like x_t")
+            if noise.shape != x_t.shape:
+                raise ValueError(f"noise must have shape {tuple(x_t.shape)}, got {tuple(noise.shape)}")
+            noise = noise.float()
+        else:
+            noise = None
+        k = self._index(k, b)
+        x_t = x_t.float()
+        eps, var_values = model_out.float().split(c, dim=1)  # (B, C, ...) each
+        coef = self._gather(self._step_table, k, x_t)
+        nonzero = (k != 0).to(device=x_t.device, dtype=x_t.dtype).view(b, *([1] * (x_t.dim() - 1)))
+        return self._apply(x_t, eps, var_values, coef, nonzero, noise)
+
+    def q_sample(self, x0: torch.Tensor, k: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
+        """Forward-noise clean ``x0`` (B, C, ...) to the level of respaced index k (B,)."""
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise must have shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        k = self._index(k, x0.shape[0])
+        signal, sigma = self._gather(self._q_table, k, x0)
+        return signal * x0.float() + sigma * noise.float()
+
+    def perturb_index(self, t_p: int) -> int | None:
+        """Respaced index for a prefix perturbation of ``t_p`` training steps, or None when it rounds to none.
+
+        The reference maps the training-scale ``t_p`` proportionally onto the respaced chain and noises
+        the conditioning frames to that index; an index of 0 would add (almost) nothing, so it is off.
+        """
+        if t_p >= self.num_train_steps:
+            raise ValueError(f"t_p must be < num_train_steps ({self.num_train_steps}), got {t_p}")
+        if t_p <= 0:
+            return None
+        index = int(t_p * self.num_steps / self.num_train_steps)
+        return index if index > 0 else None
+
+    @torch.no_grad()
+    def sample_loop(
+        self,
+        model_fn: ModelFn,
+        x_T: torch.Tensor,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Run the whole chain from noise ``x_T``; ``model_fn(x_t, t_model (B,)) -> (B, 2C, ...)``.
+
+        Convenience for tests and offline use; the server drives ``step`` itself to interleave sessions.
+        """
+        x = x_T.float()
+        b = x.shape[0]
+        indices = range(self.num_steps - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices, desc=type(self).__name__, total=self.num_steps)
+        timesteps = self.timesteps.to(x.device)
+        for i in indices:
+            k = torch.full((b,), i, dtype=torch.long, device=x.device)
+            out = model_fn(x, timesteps[k])
+            noise = None
+            if self.needs_noise:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = self.step(x, out, k, noise)
+        return x
+
+
+class IDDPMSampler(Sampler):
+    """Ancestral sampling with the model's learned-range variance, as in the reference's respaced p_sample.
+
+    Respaced betas come from the ratio of alpha_bar at consecutive used timesteps; eps -> x0 is not
+    clipped; the variance interpolates in log space between the clipped posterior variance and beta.
+    """
+
+    def __init__(self, num_steps: int = 100, num_train_steps: int = 1000) -> None:
+        super().__init__(num_steps, num_train_steps)
+
+    @property
+    def needs_noise(self) -> bool:
+        return True
+
+    def _build_step_table(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+        one = alpha_bar.new_ones(1)
+        alpha_bar_prev = torch.cat([one, alpha_bar[:-1]])
+        beta = 1.0 - alpha_bar / alpha_bar_prev
+        # posterior q(x_{k-1} | x_k, x0) = N(c_x0 * x0 + c_xt * x_k, post_var)
+        c_x0 = beta * alpha_bar_prev.sqrt() / (1.0 - alpha_bar)
+        c_xt = (1.0 - alpha_bar_prev) * (1.0 - beta).sqrt() / (1.0 - alpha_bar)
+        post_var = beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+        # post_var[0] is exactly 0; like the reference, borrow index 1's value so the log stays finite.
+        # With a single step there is no index 1, but k == 0 adds no noise, so any finite value will do.
+        post_var = torch.cat([post_var[1:2] if len(post_var) > 1 else beta[:1], post_var[1:]])
+        min_log, max_log = post_var.log(), beta.log()
+        # x0 = (x_k - sqrt(1 - ab) * eps) / sqrt(ab), substituted into the posterior mean
+        a_xt = c_x0 / alpha_bar.sqrt() + c_xt
+        a_eps = -c_x0 * (1.0 - alpha_bar).sqrt() / alpha_bar.sqrt()
+        # log sigma = 0.5 * (frac * max_log + (1 - frac) * min_log), frac = (v + 1) / 2  ==  mid + half * v
+        log_sigma_mid = 0.25 * (max_log + min_log)
+        log_sigma_half = 0.25 * (max_log - min_log)
+        return torch.stack([a_xt, a_eps, log_sigma_mid, log_sigma_half])  # (4, num_steps)
+
+    def _apply(
+        self,
+        x_t: torch.Tensor,
+        eps: torch.Tensor,
+        var_values: torch.Tensor,
+        coef: torch.Tensor,
+        nonzero: torch.Tensor,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        assert noise is not None
+        a_xt, a_eps, log_sigma_mid, log_sigma_half = coef
+        sigma = torch.exp(log_sigma_mid + log_sigma_half * var_values)  # (B, C, ...)
+        return a_xt * x_t + a_eps * eps + nonzero * sigma * noise
+
+
+class DDIMSampler(Sampler):
+    """DDIM over the same respaced chain; deterministic at ``eta = 0`` so it ignores the variance output."""
+
+    def __init__(self, num_steps: int = 25, num_train_steps: int = 1000, eta: float = 0.0) -> None:
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and 0.0 <= eta <= 1.0):
+            raise ValueError(f"eta must be a finite number in [0, 1], got {eta!r}")
+        self.eta = float(eta)
+        super().__init__(num_steps, num_train_steps)
+
+    @property
+    def needs_noise(self) -> bool:
+        return self.eta > 0.0
+
+    def _build_step_table(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+        alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+        sigma = (
+            self.eta
+            * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)).sqrt()
+            * (1.0 - alpha_bar / alpha_bar_prev).sqrt()
+        )
+        dir_coef = (1.0 - alpha_bar_prev - sigma**2).clamp_min(0.0).sqrt()
+        # x_prev = sqrt(ab_prev) * x0 + dir_coef * eps + sigma * z, with x0 eliminated
+        a_xt = (alpha_bar_prev / alpha_bar).sqrt()
+        a_eps = dir_coef - (alpha_bar_prev * (1.0 - alpha_bar) / alpha_bar).sqrt()
+        return torch.stack([a_xt, a_eps, sigma])  # (3, num_steps)
+
+    def _apply(
+        self,
+        x_t: torch.Tensor,
+        eps: torch.Tensor,
+        var_values: torch.Tensor,
+        coef: torch.Tensor,
+        nonzero: torch.Tensor,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        a_xt, a_eps, sigma = coef
+        out = a_xt * x_t + a_eps * eps
+        if noise is not None:
+            out = out + nonzero * sigma * noise
+        return out
+
+
+def classifier_free_guidance(out_cond: torch.Tensor, out_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Guide only the epsilon half (B, C, ...) of a (B, 2C, ...) output; variance comes from the cond pass.
+
+    Guiding the learned variance would push it outside the range it was trained on, so the reference
+    keeps the conditional one. It also skips the unconditional pass entirely when scale <= 1; callers
+    that mirror that should not call this at all. Scale 1 returns ``out_cond`` itself.
+    """
+    if out_cond.shape != out_uncond.shape:
+        raise ValueError(f"cond/uncond shapes differ: {tuple(out_cond.shape)} vs {tuple(out_uncond.shape)}")
+    if out_cond.dim() < 2 or out_cond.shape[1] % 2:
+        raise ValueError(f"model output must be (B, 2C, ...), got {tuple(out_cond.shape)}")
+    if scale == 1.0:
+        return out_cond
+    c = out_cond.shape[1] // 2
+    eps_cond, var_cond = out_cond.split(c, dim=1)
+    eps_uncond = out_uncond[:, :c]
+    return torch.cat([eps_uncond + scale * (eps_cond - eps_uncond), var_cond], dim=1)
+
+
+def make_sampler(name: str, num_steps: int) -> Sampler:
+    """Build a sampler by config name ("iddpm" or "ddim")."""
+    if name == "iddpm":
+        return IDDPMSampler(num_steps=num_steps)
+    if name == "ddim":
+        return DDIMSampler(num_steps=num_steps)
+    raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(DEFAULT_STEPS)}")

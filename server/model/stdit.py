@@ -1,0 +1,333 @@
+"""CausalSTDiT2: the spatio-temporal DiT of Ca2-VDM with causal temporal attention and a shared K/V cache.
+
+One network, three ways to run it:
+- `forward`  — recompute: one pass over [conditional frames | noisy frames] with per-frame timesteps and a
+               causal temporal mask (training, and what a model without a cache runs every step);
+- `write`    — one t=0 pass over a finished, clean chunk that appends its K/V to a `KVCache`;
+- `denoise`  — a pass over a noisy chunk that reads the cache and recomputes nothing of the past.
+
+Tensors inside a block are (B, T, S, C): batch, frames, spatial tokens per frame, channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .layers import (
+    AttentionProj,
+    CaptionEmbedder,
+    CrossAttention,
+    FinalLayer,
+    Mlp,
+    PatchEmbed3D,
+    TimestepEmbedder,
+    attention,
+    spatial_pos_embed,
+    temporal_pos_embed,
+)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+def prefix_frame_indices(num_frames: int, num_prefix: int) -> list[int]:
+    """Which frames of a written chunk become the prefix K/V (the reference's rule).
+
+    The last `num_prefix` frames; a chunk shorter than that repeats each frame (e.g. T=1 -> [0, 0, 0],
+    T=2 -> [0, 0, 1]), so the key multiset matches the recompute path's clamped look-back.
+    """
+    if num_frames >= num_prefix:
+        return list(range(num_frames - num_prefix, num_frames))
+    repeat = num_prefix // num_frames + 1
+    return [i // repeat for i in range(num_prefix)]
+
+
+@dataclass
+class _Pass:
+    """What every block of one forward needs besides x and its modulation."""
+
+    mode: str  # "full" | "write" | "denoise"
+    tpe: Tensor  # (B, T, C) temporal position embedding, added at block 0
+    mask_channel: Tensor  # (B, T) 1.0 on conditional frames
+    cache: KVCache | None = None
+    y: Tensor | None = None  # (B, N_tok, C) embedded captions
+    y_mask: Tensor | None = None  # (B, N_tok)
+    temporal_mask: Tensor | None = None  # full mode: (T, T) boolean, True = attend
+    prefix_index: Tensor | None = None  # full mode: (B, P) frame indices of each sample's prefix frames
+
+
+class CausalSTDiTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        dim, heads = cfg.hidden_size, cfg.num_heads
+        self.index = index
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.attn = AttentionProj(dim, heads)
+        self.cross_attn = CrossAttention(dim, heads) if cfg.caption_channels > 0 else None
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+        self.attn_temp = AttentionProj(dim, heads)
+        self.attn_cf = AttentionProj(dim, heads) if cfg.prefix_frames > 0 else None
+        self.num_prefix = cfg.prefix_frames
+        extra = cfg.temp_extra_in_channels if index == 0 else 0
+        self.attn_temp_pre_merge = nn.Linear(dim + extra, dim) if extra > 0 else None
+
+    def forward(self, x: Tensor, t_mlp: Tensor, p: _Pass, *, is_last: bool = False) -> Tensor:
+        b, t, s, c = x.shape
+        mod = self.scale_shift_table + t_mlp.unflatten(-1, (6, c))  # (B, T, 6, C)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None].unbind(
+            3
+        )  # (B,T,1,C)
+
+        # 1. spatial self-attention within each frame
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        x = x + gate_msa * self.attn.self_attention(h.flatten(0, 1)).view(b, t, s, c)
+
+        # 2. prefix-enhanced spatial attention (reads the un-normalised residual stream)
+        prefix_kv = None
+        if self.attn_cf is not None:
+            out, prefix_kv = self._prefix_attention(x, p)
+            x = x + gate_msa * self.attn_cf.proj(out)
+
+        # 3. causal temporal attention per spatial position
+        h = x.transpose(1, 2)  # (B, S, T, C)
+        if self.index == 0:
+            h = h + p.tpe[:, None]
+            if self.attn_temp_pre_merge is not None:
+                mask = p.mask_channel.to(h.dtype)[:, None, :, None].expand(b, s, t, 1)
+                h = self.attn_temp_pre_merge(torch.cat([h, mask], dim=-1))
+        q, k, v = self.attn_temp.split_qkv(h)  # (B, S, T, H, D)
+        if p.mode == "full":
+            out = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), p.temporal_mask).view(
+                b, s, t, c
+            )
+        else:
+            assert p.cache is not None
+            out = p.cache.attend_temporal(self.index, q, k, v)
+            if p.mode == "write":
+                pk, pv = prefix_kv if prefix_kv is not None else (None, None)
+                p.cache.store(self.index, k, v, pk, pv)
+                if is_last:  # nothing after this point feeds the cache
+                    return x
+        x = x + gate_msa * self.attn_temp.proj(out).transpose(1, 2)
+
+        # 4. cross-attention to captions
+        if self.cross_attn is not None:
+            assert p.y is not None, "this model needs caption embeddings"
+            x = x + self.cross_attn(x.flatten(1, 2), p.y, p.y_mask).view(b, t, s, c)
+
+        # 5. MLP
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
+        return x + gate_mlp * self.mlp(h)
+
+    def _prefix_attention(self, x: Tensor, p: _Pass) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Returns the attention output (B, T, S, C) and, when writing, the prefix K/V to cache.
+
+        Conditional frames attend to their own tokens (the reference attends to them repeated N times,
+        which is the same softmax); noisy frames attend to the last N conditional frames.
+        """
+        assert self.attn_cf is not None
+        b, t, s, c = x.shape
+        if p.mode == "denoise":  # queries only; keys and values come from the cache
+            assert p.cache is not None
+            q = self.attn_cf.query(x).flatten(1, 2)  # (B, T*S, H, D)
+            return p.cache.attend_prefix(self.index, q).view(b, t, s, c), None
+
+        q, k, v = self.attn_cf.split_qkv(x)  # (B, T, S, H, D)
+        own = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)).view(b, t, s, c)
+        if p.mode == "write":
+            idx = prefix_frame_indices(t, self.num_prefix)
+            return own, (k[:, idx], v[:, idx])
+
+        assert p.prefix_index is not None
+        rows = torch.arange(b, device=x.device)[:, None]
+        pk = k[rows, p.prefix_index].flatten(1, 2)  # (B, P*S, H, D)
+        pv = v[rows, p.prefix_index].flatten(1, 2)
+        from_prefix = attention(q.flatten(1, 2), pk, pv).view(b, t, s, c)
+        is_cond = p.mask_channel.bool()[:, :, None, None]
+        return torch.where(is_cond, own, from_prefix), None
+
+
+class CausalSTDiT(nn.Module):
+    """CausalSTDiT2 with the reference's parameter and buffer names."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        dim = cfg.hidden_size
+        self.register_buffer("pos_embed", spatial_pos_embed(dim, cfg.grid_size, cfg.space_scale))
+        self.register_buffer("pos_embed_temporal", temporal_pos_embed(dim, cfg.max_tpe_len, cfg.time_scale))
+        # <BOV> frame: the cache prefix when a video is generated without a first frame.
+        h, w = cfg.input_size[1:]
+        self.register_buffer("bov_token", torch.randn(cfg.in_channels, h, w) / cfg.in_channels**0.5)
+        self.x_embedder = PatchEmbed3D(cfg.patch_size, cfg.in_channels, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.y_embedder = (
+            CaptionEmbedder(cfg.caption_channels, dim, cfg.model_max_length)
+            if cfg.caption_channels > 0
+            else None
+        )
+        self.blocks = nn.ModuleList([CausalSTDiTBlock(cfg, i) for i in range(cfg.depth)])
+        self.final_layer = FinalLayer(dim, cfg.patch_size[1] * cfg.patch_size[2], cfg.out_channels)
+
+    # ---- public entry points ---------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        cond_mask: Tensor,
+        *,
+        tpe_start: Tensor | int = 0,
+        temporal_mask: Tensor | None = None,
+        y: Tensor | None = None,
+        y_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Recompute pass. x (B, C, T, H, W); t (B, T) or (B,); cond_mask (B, T) (or the reference's
+        (B, 1, T, 1, 1)) with 1 on the conditional frames, which come first. `temporal_mask` (T, T)
+        overrides the causal mask (True = attend). Returns (B, 2C, T, H, W) float32: epsilon | variance.
+        """
+        b, _, t_len = x.shape[:3]
+        cond = cond_mask.reshape(b, t_len).to(torch.float32)
+        t = t.reshape(b, -1).expand(b, t_len) if t.dim() == 2 else t[:, None].expand(b, t_len)
+        if temporal_mask is None:
+            temporal_mask = torch.ones(t_len, t_len, dtype=torch.bool, device=x.device).tril()
+        prefix_index = None
+        if self.config.prefix_frames > 0:
+            cond_len = cond.sum(dim=1).long()  # (B,)
+            # One bound check per call (a host sync, but this is the recompute path, not the cached one).
+            if bool((cond_len < 1).any()):
+                raise ValueError("every sample needs at least one conditional frame for prefix attention")
+            back = torch.arange(self.config.prefix_frames, device=x.device)
+            prefix_index = (cond_len[:, None] - 1 - back).clamp(min=0)  # (B, P)
+        p = _Pass(
+            mode="full",
+            tpe=self._tpe(tpe_start, b, t_len, x.device),
+            mask_channel=cond,
+            temporal_mask=temporal_mask,
+            prefix_index=prefix_index,
+        )
+        return self._run(x, t, p, y, y_mask)
+
+    @torch.no_grad()
+    def write(
+        self, cache: KVCache, clean: Tensor, y: Tensor | None = None, y_mask: Tensor | None = None
+    ) -> None:
+        """Append a clean chunk (B, C, T, H, W) to the cache: one forward at t=0 with the mask channel 1."""
+        b, _, t_len = clean.shape[:3]
+        self._check_cache(cache, b)
+        p = _Pass(
+            mode="write",
+            tpe=self._tpe(cache.positions(), b, t_len, clean.device),
+            mask_channel=torch.ones(b, t_len, device=clean.device),
+            cache=cache,
+        )
+        t = torch.zeros(b, t_len, device=clean.device)
+        self._run(x=clean, t=t, p=p, y=y, y_mask=y_mask)
+        cache.commit(t_len)
+
+    @torch.no_grad()
+    def denoise(
+        self, cache: KVCache, x: Tensor, t: Tensor, y: Tensor | None = None, y_mask: Tensor | None = None
+    ) -> Tensor:
+        """Epsilon | variance (B, 2C, T, H, W) of a noisy chunk at timesteps t (B,) against the cache."""
+        b, _, t_len = x.shape[:3]
+        self._check_cache(cache, b)
+        p = _Pass(
+            mode="denoise",
+            tpe=self._tpe(cache.positions(), b, t_len, x.device),
+            mask_channel=torch.zeros(b, t_len, device=x.device),
+            cache=cache,
+        )
+        return self._run(x, t[:, None].expand(b, t_len), p, y, y_mask)
+
+    # ---- internals -------------------------------------------------------------------------------------
+
+    def _check_cache(self, cache: KVCache, batch: int) -> None:
+        if cache.batch_size != batch:
+            raise ValueError(f"cache holds {cache.batch_size} streams but the input has {batch}")
+
+    def _tpe(self, start: Tensor | int, batch: int, num_frames: int, device: torch.device) -> Tensor:
+        """(B, T, C) cyclic temporal position embedding for frames start .. start+T-1."""
+        start_t = torch.as_tensor(start, device=device).reshape(-1).expand(batch)
+        idx = (start_t[:, None] + torch.arange(num_frames, device=device)) % self.config.max_tpe_len
+        return self.pos_embed_temporal[0, idx]
+
+    def _run(self, x: Tensor, t: Tensor, p: _Pass, y: Tensor | None, y_mask: Tensor | None) -> Tensor:
+        cfg = self.config
+        b, _, t_len, hh, ww = x.shape
+        if (hh, ww) != tuple(cfg.input_size[1:]):
+            raise ValueError(f"latent size {(hh, ww)} does not match the model's {tuple(cfg.input_size[1:])}")
+        dtype = self.x_embedder.proj.weight.dtype
+
+        # 1. embed patches (+ fixed spatial PE) and per-frame timesteps
+        h = self.x_embedder(x.to(dtype)).view(b, t_len, cfg.num_spatial, -1) + self.pos_embed[:, None].to(
+            dtype
+        )
+        t_emb = self.t_embedder(t, dtype)  # (B, T, C)
+        t_mlp = self.t_block(t_emb)  # (B, T, 6C)
+        p.tpe = p.tpe.to(dtype)
+        if self.y_embedder is not None:
+            if y is None:
+                raise ValueError("this model is caption-conditioned: pass y (B, N_tok, caption_channels)")
+            p.y = self.y_embedder(y.reshape(b, -1, y.shape[-1]).to(dtype))
+            p.y_mask = None if y_mask is None else y_mask.reshape(b, -1)
+
+        # 2. blocks
+        for i, block in enumerate(self.blocks):
+            h = block(h, t_mlp, p, is_last=i == len(self.blocks) - 1)
+        if p.mode == "write":
+            return h
+
+        # 3. per-frame final modulation and unpatchify
+        out = self.final_layer(h, t_emb)  # (B, T, S, ph*pw*C_out)
+        return self._unpatchify(out).float()
+
+    def _unpatchify(self, x: Tensor) -> Tensor:
+        cfg = self.config
+        b, t_len = x.shape[:2]
+        (gh, gw), (_, ph, pw) = cfg.grid_size, cfg.patch_size
+        x = x.view(b, t_len, gh, gw, ph, pw, cfg.out_channels)
+        return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, cfg.out_channels, t_len, gh * ph, gw * pw)
+
+    # ---- initialisation ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def randomize_(self, seed: int = 0, std_scale: float = 1.0) -> CausalSTDiT:
+        """Random, non-degenerate weights (tests and benchmarks): N(0, std_scale^2 / fan_in) weights,
+        small random biases and modulation tables. Unlike training init, no output layer is zeroed, so
+        every path of the network influences the output."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            if param.dim() >= 2:
+                fan_in = param[0].numel()
+                std = std_scale / fan_in**0.5
+            else:
+                std = 0.02
+            if name.endswith("scale_shift_table"):
+                std = 0.1
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+        return self
+
+
+def history_mask(
+    chunk_lengths: list[int], max_cache_frames: int, device: torch.device | str = "cpu"
+) -> Tensor:
+    """(N, N) temporal mask that makes a recompute pass over a whole history equal the cached path.
+
+    Frame j of chunk c attends to frame i <= j when i is in chunk c or was in the cache while chunk c was
+    processed, i.e. among the last `max_cache_frames` frames before chunk c started. Before the queue
+    first dequeues this is the plain causal mask.
+    """
+    starts = torch.tensor([0, *chunk_lengths[:-1]], device=device).cumsum(0)
+    chunk_start = torch.repeat_interleave(starts, torch.tensor(chunk_lengths, device=device))  # (N,)
+    pos = torch.arange(len(chunk_start), device=device)
+    return (pos[None, :] <= pos[:, None]) & (pos[None, :] >= (chunk_start - max_cache_frames)[:, None])
