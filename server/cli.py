@@ -1,0 +1,124 @@
+"""`ca2vdm` command line. Every flag also reads the environment variable CA2VDM_<FLAG>."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("ca2vdm")
+
+
+def _env(flag: str, default: Any, cast: Callable[[str], Any] = str) -> Any:
+    value = os.environ.get("CA2VDM_" + flag.upper().replace("-", "_"))
+    return default if value is None or value == "" else cast(value)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=_env("model", None),
+        help="model directory, official .pt/.pth checkpoint (with --preset), or random:PRESET; "
+        "default: the packaged model",
+    )
+    p.add_argument(
+        "--preset", default=_env("preset", None), help="preset of an official checkpoint: XL/2, B/2, tiny"
+    )
+    p.add_argument(
+        "--vae", default=_env("vae", None), help="SD-VAE directory (diffusers layout) for latent models"
+    )
+    p.add_argument("--device", default=_env("device", "auto"), choices=["auto", "cpu", "cuda"])
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .media import load_image, write_mp4
+    from .model.diffusion import DEFAULT_STEPS, make_sampler
+    from .model.generate import generate_video
+    from .model.loader import load_pipeline
+
+    if args.frames < 1:
+        raise ValueError("--frames must be >= 1")
+    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device)
+    image = None
+    if args.image is not None:
+        image = load_image(args.image, size=pipe.frame_size)
+    sampler_name = args.sampler or pipe.config.default_sampler
+    steps = args.steps or (
+        pipe.config.default_steps
+        if sampler_name == pipe.config.default_sampler
+        else DEFAULT_STEPS[sampler_name]
+    )
+    sampler = make_sampler(sampler_name, steps)
+    h, w = pipe.frame_size
+    log.info(
+        "model %s on %s: %dx%d at %d fps, %s with %d steps, seed %d",
+        pipe.name,
+        pipe.device,
+        w,
+        h,
+        pipe.config.fps,
+        sampler_name,
+        steps,
+        args.seed,
+    )
+    start = time.perf_counter()
+    frames = generate_video(
+        pipe,
+        sampler,
+        image=None if image is None else torch.as_tensor(image),
+        num_frames=args.frames,
+        seed=args.seed,
+        progress=True,
+    )
+    elapsed = time.perf_counter() - start
+    write_mp4(args.out, frames, fps=pipe.config.fps)
+    log.info(
+        "wrote %s: %d frames in %.1f s (%.2f frames/s)",
+        args.out,
+        frames.shape[0],
+        elapsed,
+        frames.shape[0] / elapsed,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ca2vdm", description="Ca2-VDM streaming video generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a video offline into an MP4")
+    _add_model_flags(gen)
+    gen.add_argument(
+        "--image", default=_env("image", None), help="condition image (PNG/JPEG); frame 0 of the video"
+    )
+    gen.add_argument(
+        "--frames", type=int, default=_env("frames", None, int), required=_env("frames", None) is None
+    )
+    gen.add_argument("--steps", type=int, default=_env("steps", None, int), help="denoising steps per chunk")
+    gen.add_argument("--sampler", choices=["ddim", "iddpm"], default=_env("sampler", None))
+    gen.add_argument("--seed", type=int, default=_env("seed", 0, int))
+    gen.add_argument(
+        "--out", default=_env("out", None), required=_env("out", None) is None, help="output MP4"
+    )
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:  # bad input: one clear line, no traceback
+        print(f"ca2vdm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Resolve a model spec to a ready pipeline (network + latent codec + run settings).
+
+Specs (DESIGN.md): a directory (`config.json` + `model.safetensors` [+ `vae/`]), an official `.pt`/`.pth`
+checkpoint with a preset, or `random:PRESET`. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_state_dict_strict, read_model_dir, read_official_checkpoint
+from .codecs import LatentCodec, make_codec
+from .config import PipelineConfig, get_preset
+from .stdit import CausalSTDiT
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "default"
+
+
+@dataclass
+class Pipeline:
+    name: str
+    config: PipelineConfig
+    model: CausalSTDiT
+    codec: LatentCodec
+    device: torch.device
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of output video frames."""
+        h, w = self.config.model.input_size[1:]
+        return h * self.codec.downsample, w * self.codec.downsample
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available")
+    return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_pipeline(
+    spec: str | None,
+    *,
+    preset: str | None = None,
+    vae: str | None = None,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> Pipeline:
+    """Build the pipeline for `spec` on `device` (bf16 on CUDA, fp32 on CPU unless `dtype` is given)."""
+    dev = resolve_device(device)
+    if spec is None:
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise FileNotFoundError(
+                "no packaged default model is installed in this build; pass --model DIR, "
+                "--model CHECKPOINT.pt --preset NAME, or --model random:PRESET"
+            )
+        spec = str(DEFAULT_MODEL_DIR)
+
+    if spec.startswith("random:"):
+        name = spec.split(":", 1)[1]
+        config = get_preset(name)
+        model = CausalSTDiT(config.model).randomize_(seed)
+        codec = make_codec("pixel" if config.codec == "pixel" else "sd-vae-random")
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            config, state_dict = read_model_dir(path)
+            vae_dir = path / "vae"
+        elif path.suffix in (".pt", ".pth"):
+            if preset is None:
+                raise ValueError(
+                    f"{path.name} is a reference checkpoint: also pass --preset (XL/2, B/2, tiny)"
+                )
+            config = get_preset(preset)
+            state_dict = read_official_checkpoint(path)
+            vae_dir = path.parent / "vae"
+        elif not path.exists():
+            raise FileNotFoundError(f"model not found: {spec}")
+        else:
+            raise ValueError(
+                f"cannot load model {spec!r}: expected a directory, a .pt/.pth file or random:PRESET"
+            )
+        model = CausalSTDiT(config.model)
+        load_state_dict_strict(model, state_dict)
+        if config.codec == "pixel":
+            codec = make_codec("pixel")
+        else:
+            vae_path = Path(vae) if vae else vae_dir
+            if not vae_path.is_dir():
+                raise FileNotFoundError(
+                    f"model {spec} needs an SD-VAE directory (diffusers layout): "
+                    f"pass --vae DIR or put it at {vae_dir}"
+                )
+            codec = make_codec("sd-vae", str(vae_path))
+
+    dtype = dtype or default_dtype(dev)
+    model = model.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    codec = codec.to(dev, dtype)
+    return Pipeline(name=spec, config=config, model=model, codec=codec, device=dev)
