@@ -1,0 +1,37 @@
+# Two entry points that set themselves up on a fresh machine with only Python 3.10+:
+#   make test    create .venv, install ca2vdm with its test extra, run the test suite
+#   make serve   (arrives with the server front end)
+# torch: a CUDA build where `nvidia-smi` works, otherwise torch==$(TORCH_VERSION); set TORCH_INDEX_URL to a
+# CPU-only wheel index to force a CPU build on machines whose default index serves CUDA wheels.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ca2vdm-installed
+
+.PHONY: test lint clean
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "GPU found: installing a CUDA build of torch"; \
+		$(PY) -m pip install -q "torch>=2.4"; \
+	else \
+		echo "no GPU: installing torch==$(TORCH_VERSION)"; \
+		$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)); \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
