@@ -33,6 +33,16 @@ from server.model.config import ModelConfig, get_preset  # noqa: E402
 from server.model.stdit import CausalSTDiT  # noqa: E402
 
 
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--verify", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
 def cuda_time_ms(fn, iters: int, warmup: int = 2) -> float:
     """Median of `iters` event-timed calls."""
     for _ in range(warmup):
@@ -145,6 +155,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd forwards")
     parser.add_argument("--out", default="model_step.json")
+    parser.add_argument("--commit", default=None, help="commit under test (default: git rev-parse HEAD)")
     parser.add_argument("--reference-dir", default=str(ROOT.parent / "shared" / "reference"))
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
@@ -154,15 +165,7 @@ def main() -> None:
         "torch": torch.__version__,
         "command": " ".join(sys.argv),
     }
-    try:
-        result["commit"] = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
-            ).stdout.strip()
-            or "unknown"
-        )
-    except OSError:
-        result["commit"] = "unknown"
+    result["commit"] = args.commit or git_commit()
     result.update(check_reference(Path(args.reference_dir)))
     torch.backends.cuda.matmul.allow_tf32 = True
     result.update(card_ceilings())
