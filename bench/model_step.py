@@ -35,9 +35,7 @@ from server.model.stdit import CausalSTDiT  # noqa: E402
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--verify", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
+        out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     except OSError:
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
@@ -82,19 +80,14 @@ def check_reference(reference_dir: Path) -> dict:
     model = CausalSTDiT(ModelConfig.from_reference_kwargs(ref["config"])).eval()
     model.load_state_dict(torch.load(reference_dir / "tiny_reference_state_dict.pt", weights_only=True))
     model = model.cuda()
-    v = {
-        k: t.cuda()
-        for k, t in torch.load(reference_dir / "tiny_reference_vectors.pt", weights_only=True).items()
-    }
+    v = {k: t.cuda() for k, t in torch.load(reference_dir / "tiny_reference_vectors.pt", weights_only=True).items()}
     cache = DenseKVCache.for_model(model, 1, ref["kv_cache_max_seqlen"])
     model.write(cache, v["first_frame"])
     errs = []
     for k in range(6):
         errs.append(rel_err(model.denoise(cache, v[f"ar{k}_noisy"], v[f"ar{k}_t"]), v[f"ar{k}_out"]))
         model.write(cache, v[f"ar{k}_clean"])
-    errs.append(
-        rel_err(model(v["recompute_x"], v["recompute_t"], v["recompute_mask_channel"]), v["recompute_out"])
-    )
+    errs.append(rel_err(model(v["recompute_x"], v["recompute_t"], v["recompute_mask_channel"]), v["recompute_out"]))
     return {"max_rel_err_fp32_vs_reference": max(errs)}
 
 
@@ -208,9 +201,7 @@ def main() -> None:
         row = {"ar_step": step, "cached_frames": int(cache.num_cached()[0])}
         row["denoise_ms"] = cuda_time_ms(lambda n=noisy, t=t: model.denoise(cache, n, t), args.iters)
         with torch.no_grad():
-            row["recompute_ms"] = cuda_time_ms(
-                lambda a=(x, tt, cond), s=start_pos: model(*a, tpe_start=s), args.iters
-            )
+            row["recompute_ms"] = cuda_time_ms(lambda a=(x, tt, cond), s=start_pos: model(*a, tpe_start=s), args.iters)
         # time one write (it mutates the cache, so exactly once)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

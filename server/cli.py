@@ -25,12 +25,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="model directory, official .pt/.pth checkpoint (with --preset), or random:PRESET; "
         "default: the packaged model",
     )
-    p.add_argument(
-        "--preset", default=_env("preset", None), help="preset of an official checkpoint: XL/2, B/2, tiny"
-    )
-    p.add_argument(
-        "--vae", default=_env("vae", None), help="SD-VAE directory (diffusers layout) for latent models"
-    )
+    p.add_argument("--preset", default=_env("preset", None), help="preset of an official checkpoint: XL/2, B/2, tiny")
+    p.add_argument("--vae", default=_env("vae", None), help="SD-VAE directory (diffusers layout) for latent models")
     p.add_argument("--device", default=_env("device", "auto"), choices=["auto", "cpu", "cuda"])
 
 
@@ -50,9 +46,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         image = load_image(args.image, size=pipe.frame_size)
     sampler_name = args.sampler or pipe.config.default_sampler
     steps = args.steps or (
-        pipe.config.default_steps
-        if sampler_name == pipe.config.default_sampler
-        else DEFAULT_STEPS[sampler_name]
+        pipe.config.default_steps if sampler_name == pipe.config.default_sampler else DEFAULT_STEPS[sampler_name]
     )
     sampler = make_sampler(sampler_name, steps)
     h, w = pipe.frame_size
@@ -94,18 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate a video offline into an MP4")
     _add_model_flags(gen)
-    gen.add_argument(
-        "--image", default=_env("image", None), help="condition image (PNG/JPEG); frame 0 of the video"
-    )
-    gen.add_argument(
-        "--frames", type=int, default=_env("frames", None, int), required=_env("frames", None) is None
-    )
+    gen.add_argument("--image", default=_env("image", None), help="condition image (PNG/JPEG); frame 0 of the video")
+    gen.add_argument("--frames", type=int, default=_env("frames", None, int), required=_env("frames", None) is None)
     gen.add_argument("--steps", type=int, default=_env("steps", None, int), help="denoising steps per chunk")
     gen.add_argument("--sampler", choices=["ddim", "iddpm"], default=_env("sampler", None))
     gen.add_argument("--seed", type=int, default=_env("seed", 0, int))
-    gen.add_argument(
-        "--out", default=_env("out", None), required=_env("out", None) is None, help="output MP4"
-    )
+    gen.add_argument("--out", default=_env("out", None), required=_env("out", None) is None, help="output MP4")
     gen.set_defaults(func=_cmd_generate)
     return parser
 

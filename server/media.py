@@ -41,10 +41,7 @@ _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 # swscale's default RGB<->YUV path is a fast approximation that shifts colours by 2-3 levels per round trip;
 # accurate rounding with full chroma interpolation brings a flat colour back within 1 level.
 _SWS_FLAGS = (
-    Interpolation.BICUBIC
-    | Interpolation.ACCURATE_RND
-    | Interpolation.FULL_CHR_H_INT
-    | Interpolation.FULL_CHR_H_INP
+    Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
 )
 
 
@@ -121,8 +118,7 @@ def load_image(
                 width, height = im.size  # from the header: nothing decoded yet
                 if width * height > max_pixels:
                     raise ValueError(
-                        f"image {label} is {width}x{height} = {width * height} pixels, "
-                        f"above the limit of {max_pixels}"
+                        f"image {label} is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
                     )
                 im.load()
                 im = ImageOps.exif_transpose(im)

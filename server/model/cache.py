@@ -65,9 +65,7 @@ class KVCache(ABC):
         """Queries (B, N, H, D) of noisy tokens -> (B, N, H*D) over the stream's cached prefix K/V."""
 
     @abstractmethod
-    def store(
-        self, layer: int, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None
-    ) -> None:
+    def store(self, layer: int, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None) -> None:
         """Record a clean chunk's temporal K/V (B, S, T, H, D) and prefix K/V (B, P, S, H, D) for `layer`."""
 
     @abstractmethod
@@ -153,9 +151,7 @@ class DenseKVCache(KVCache):
         assert self.num_written > 0, "prefix K/V read before any frame was written"
         return attention(q, self.prefix_k[layer], self.prefix_v[layer])
 
-    def store(
-        self, layer: int, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None
-    ) -> None:
+    def store(self, layer: int, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None) -> None:
         t = k.shape[2]
         assert t <= self.max_frames, f"chunk of {t} frames exceeds the cache length {self.max_frames}"
         slots = [(self.num_written + i) % self.max_frames for i in range(t)]

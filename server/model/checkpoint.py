@@ -42,9 +42,7 @@ def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
             raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
         nested = next((obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), dict)), None)
         if nested is None:
-            raise CheckpointError(
-                f"no state dict found in checkpoint (top-level keys: {_listing(sorted(obj))})"
-            )
+            raise CheckpointError(f"no state dict found in checkpoint (top-level keys: {_listing(sorted(obj))})")
         obj = nested
     else:
         raise CheckpointError("checkpoint nests its state dict too deeply")

@@ -150,9 +150,7 @@ def _import_autoencoder_kl() -> type[AutoencoderKL]:
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the SD-VAE codec needs diffusers: install ca2vdm[vae] (pip install 'ca2vdm[vae]')"
-        ) from e
+        raise ImportError("the SD-VAE codec needs diffusers: install ca2vdm[vae] (pip install 'ca2vdm[vae]')") from e
     return AutoencoderKL
 
 
@@ -204,9 +202,7 @@ class SDVAECodec(LatentCodec):
             raise ValueError(f"micro_batch_frames must be >= 1, got {micro_batch_frames}")
         cfg = vae.config
         if cfg.in_channels != 3 or cfg.out_channels != 3:
-            raise ValueError(
-                f"VAE must map 3-channel images, got in={cfg.in_channels} out={cfg.out_channels}"
-            )
+            raise ValueError(f"VAE must map 3-channel images, got in={cfg.in_channels} out={cfg.out_channels}")
         self.vae = vae.eval().requires_grad_(False)
         self.name = "sd-vae"
         self.latent_channels = int(cfg.latent_channels)
@@ -283,9 +279,7 @@ class SDVAECodec(LatentCodec):
         _check_frames(latents, "latents")
         b, c, t, h, w = latents.shape
         if c != self.latent_channels:
-            raise ValueError(
-                f"latents must have {self.latent_channels} channels, got shape {tuple(latents.shape)}"
-            )
+            raise ValueError(f"latents must have {self.latent_channels} channels, got shape {tuple(latents.shape)}")
         device, dtype = self.device, self.dtype
         flat = latents.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # (B*T, C, h, w)
         outs = []

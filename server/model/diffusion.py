@@ -300,9 +300,7 @@ class DDIMSampler(Sampler):
     def _build_step_table(self, alpha_bar: torch.Tensor) -> torch.Tensor:
         alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
         sigma = (
-            self.eta
-            * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)).sqrt()
-            * (1.0 - alpha_bar / alpha_bar_prev).sqrt()
+            self.eta * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)).sqrt() * (1.0 - alpha_bar / alpha_bar_prev).sqrt()
         )
         dir_coef = (1.0 - alpha_bar_prev - sigma**2).clamp_min(0.0).sqrt()
         # x_prev = sqrt(ab_prev) * x0 + dir_coef * eps + sigma * z, with x0 eliminated

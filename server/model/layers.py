@@ -68,9 +68,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(
-            -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[..., None] * freqs  # (..., half)
         feats = torch.cat([args.cos(), args.sin()], dim=-1)
         return self.mlp(feats.to(dtype))
@@ -136,9 +134,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
 
     Returns (N, Lq, H*D). Softmax scale 1/sqrt(D).
     """
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-    )
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 
 

@@ -78,18 +78,14 @@ def load_pipeline(
             vae_dir = path / "vae"
         elif path.suffix in (".pt", ".pth"):
             if preset is None:
-                raise ValueError(
-                    f"{path.name} is a reference checkpoint: also pass --preset (XL/2, B/2, tiny)"
-                )
+                raise ValueError(f"{path.name} is a reference checkpoint: also pass --preset (XL/2, B/2, tiny)")
             config = get_preset(preset)
             state_dict = read_official_checkpoint(path)
             vae_dir = path.parent / "vae"
         elif not path.exists():
             raise FileNotFoundError(f"model not found: {spec}")
         else:
-            raise ValueError(
-                f"cannot load model {spec!r}: expected a directory, a .pt/.pth file or random:PRESET"
-            )
+            raise ValueError(f"cannot load model {spec!r}: expected a directory, a .pt/.pth file or random:PRESET")
         model = CausalSTDiT(config.model)
         load_state_dict_strict(model, state_dict)
         if config.codec == "pixel":
@@ -98,8 +94,7 @@ def load_pipeline(
             vae_path = Path(vae) if vae else vae_dir
             if not vae_path.is_dir():
                 raise FileNotFoundError(
-                    f"model {spec} needs an SD-VAE directory (diffusers layout): "
-                    f"pass --vae DIR or put it at {vae_dir}"
+                    f"model {spec} needs an SD-VAE directory (diffusers layout): pass --vae DIR or put it at {vae_dir}"
                 )
             codec = make_codec("sd-vae", str(vae_path))
 

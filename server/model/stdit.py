@@ -82,9 +82,7 @@ class CausalSTDiTBlock(nn.Module):
     def forward(self, x: Tensor, t_mlp: Tensor, p: _Pass, *, is_last: bool = False) -> Tensor:
         b, t, s, c = x.shape
         mod = self.scale_shift_table + t_mlp.unflatten(-1, (6, c))  # (B, T, 6, C)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None].unbind(
-            3
-        )  # (B,T,1,C)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None].unbind(3)  # (B,T,1,C)
 
         # 1. spatial self-attention within each frame
         h = modulate(self.norm1(x), shift_msa, scale_msa)
@@ -105,9 +103,7 @@ class CausalSTDiTBlock(nn.Module):
                 h = self.attn_temp_pre_merge(torch.cat([h, mask], dim=-1))
         q, k, v = self.attn_temp.split_qkv(h)  # (B, S, T, H, D)
         if p.mode == "full":
-            out = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), p.temporal_mask).view(
-                b, s, t, c
-            )
+            out = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), p.temporal_mask).view(b, s, t, c)
         else:
             assert p.cache is not None
             out = p.cache.attend_temporal(self.index, q, k, v)
@@ -171,9 +167,7 @@ class CausalSTDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(dim)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.y_embedder = (
-            CaptionEmbedder(cfg.caption_channels, dim, cfg.model_max_length)
-            if cfg.caption_channels > 0
-            else None
+            CaptionEmbedder(cfg.caption_channels, dim, cfg.model_max_length) if cfg.caption_channels > 0 else None
         )
         self.blocks = nn.ModuleList([CausalSTDiTBlock(cfg, i) for i in range(cfg.depth)])
         self.final_layer = FinalLayer(dim, cfg.patch_size[1] * cfg.patch_size[2], cfg.out_channels)
@@ -218,9 +212,7 @@ class CausalSTDiT(nn.Module):
         return self._run(x, t, p, y, y_mask)
 
     @torch.no_grad()
-    def write(
-        self, cache: KVCache, clean: Tensor, y: Tensor | None = None, y_mask: Tensor | None = None
-    ) -> None:
+    def write(self, cache: KVCache, clean: Tensor, y: Tensor | None = None, y_mask: Tensor | None = None) -> None:
         """Append a clean chunk (B, C, T, H, W) to the cache: one forward at t=0 with the mask channel 1."""
         b, _, t_len = clean.shape[:3]
         self._check_cache(cache, b)
@@ -269,9 +261,7 @@ class CausalSTDiT(nn.Module):
         dtype = self.x_embedder.proj.weight.dtype
 
         # 1. embed patches (+ fixed spatial PE) and per-frame timesteps
-        h = self.x_embedder(x.to(dtype)).view(b, t_len, cfg.num_spatial, -1) + self.pos_embed[:, None].to(
-            dtype
-        )
+        h = self.x_embedder(x.to(dtype)).view(b, t_len, cfg.num_spatial, -1) + self.pos_embed[:, None].to(dtype)
         t_emb = self.t_embedder(t, dtype)  # (B, T, C)
         t_mlp = self.t_block(t_emb)  # (B, T, 6C)
         p.tpe = p.tpe.to(dtype)
@@ -318,9 +308,7 @@ class CausalSTDiT(nn.Module):
         return self
 
 
-def history_mask(
-    chunk_lengths: list[int], max_cache_frames: int, device: torch.device | str = "cpu"
-) -> Tensor:
+def history_mask(chunk_lengths: list[int], max_cache_frames: int, device: torch.device | str = "cpu") -> Tensor:
     """(N, N) temporal mask that makes a recompute pass over a whole history equal the cached path.
 
     Frame j of chunk c attends to frame i <= j when i is in chunk c or was in the cache while chunk c was

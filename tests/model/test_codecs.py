@@ -69,9 +69,7 @@ def test_uint8_round_trip_all_values() -> None:
 
 def test_frames_to_uint8_rounding_and_clamping() -> None:
     # (x+1)/2*255 = 0.5 -> 1 (half up), 254.49 -> 254, out of range -> clamped, NaN -> 128.
-    vals = torch.tensor(
-        [0.5 / 127.5 - 1, 254.49 / 127.5 - 1, -3.0, 5.0, float("nan"), 0.0], dtype=torch.float64
-    )
+    vals = torch.tensor([0.5 / 127.5 - 1, 254.49 / 127.5 - 1, -3.0, 5.0, float("nan"), 0.0], dtype=torch.float64)
     x = vals.reshape(1, 1, 1, 1, 6).expand(1, 3, 1, 1, 6)  # (B, 3, T, H, W)
     u = frames_to_uint8(x)
     assert u.shape == (1, 1, 1, 6, 3) and u.dtype == torch.uint8

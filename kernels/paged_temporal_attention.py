@@ -1,0 +1,166 @@
+"""Paged causal temporal attention (Triton) and its plain torch reference.
+
+Ca2-VDM's temporal attention runs per spatial position: the T chunk frames at position s (one head at a
+time) attend to every cached frame of their stream at s and, causally, to the chunk's own frames. The
+cached frames live in a page pool, one page per frame, read through each stream's page table. Streams
+in one batch may have any cache length 0..P_max; the order of pages in a table does not matter (all
+cached frames are visible to all queries and positions are already inside the K/V).
+
+Shapes (one layer):
+    q, k_new, v_new : (B, S, T, H, D)     chunk queries and K/V; any strides with a unit D stride
+    pool            : (num_pages, 2, S, H, D)   [:, 0] keys, [:, 1] values; contiguous
+    page_table      : (B, max_pages) int32 page ids; row b's first `cache_lens[b]` entries are valid
+    cache_lens      : (B,) int32
+    returns         : (B, S, T, H, D) in q's dtype, fp32 accumulation
+
+Each program owns one (stream, spatial position, head) problem: a (T x D) query tile against at most
+P_max + T keys. The problems are tiny, so the kernel is bound by reading K/V; the grid puts the head on
+the fastest axis so neighbouring programs read neighbouring bytes of the same pages.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _paged_temporal_attention_kernel(
+    Q, K_new, V_new, Out, Pool, Table, Lens,
+    stride_qb, stride_qs, stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kt, stride_kh,
+    stride_vb, stride_vs, stride_vt, stride_vh,
+    stride_ob, stride_os, stride_ot, stride_oh,
+    stride_pp, stride_pkv, stride_ps, stride_ph,
+    stride_tb,
+    num_frames, head_dim, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    h = tl.program_id(0)
+    s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    m_mask = offs_m < num_frames
+
+    q_ptrs = Q + b * stride_qb + s * stride_qs + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # 1. cached frames, read through the page table: all visible to every query
+    num_cached = tl.load(Lens + b)
+    for start in range(0, num_cached, BLOCK_N):
+        cols = start + offs_n
+        c_mask = cols < num_cached
+        pages = tl.load(Table + b * stride_tb + cols, mask=c_mask, other=0).to(tl.int64)
+        base = Pool + pages * stride_pp + s * stride_ps + h * stride_ph  # (BLOCK_N,) pointers
+        kv_mask = c_mask[:, None] & d_mask[None, :]
+        k = tl.load(base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(base[:, None] + stride_pkv + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = tl.where(c_mask[None, :], qk * sm_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # 2. the chunk's own frames, causal (query i sees chunk frames 0..i); one block since T <= BLOCK_M
+    offs_j = tl.arange(0, BLOCK_M)
+    j_mask = offs_j < num_frames
+    kv_mask = j_mask[:, None] & d_mask[None, :]
+    k = tl.load(K_new + b * stride_kb + s * stride_ks + h * stride_kh + offs_j[:, None] * stride_kt + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # fmt: skip
+    v = tl.load(V_new + b * stride_vb + s * stride_vs + h * stride_vh + offs_j[:, None] * stride_vt + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # fmt: skip
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    visible = (offs_j[None, :] <= offs_m[:, None]) & j_mask[None, :]
+    qk = tl.where(visible, qk * sm_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+    out = acc / l_i[:, None]
+    o_ptrs = Out + b * stride_ob + s * stride_os + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _block(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def paged_temporal_attention(
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    pool: Tensor,
+    page_table: Tensor,
+    cache_lens: Tensor,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Causal temporal attention of a chunk over [paged cached frames | the chunk]. See the module docstring."""
+    b, s, t, h, d = q.shape
+    assert k_new.shape == q.shape and v_new.shape == q.shape, "q, k_new, v_new must have the same shape"
+    assert pool.dim() == 5 and pool.shape[1:] == (2, s, h, d), f"pool {tuple(pool.shape)} != (N, 2, {s}, {h}, {d})"
+    assert pool.is_contiguous(), "pool must be contiguous"
+    assert q.dtype == k_new.dtype == v_new.dtype == pool.dtype, "all inputs must share one dtype"
+    assert q.stride(-1) == 1 and k_new.stride(-1) == 1 and v_new.stride(-1) == 1, "head_dim must be contiguous"
+    assert page_table.dtype == torch.int32, "page_table must be int32"
+    assert page_table.shape[0] == b and page_table.stride(1) == 1, "page_table must be (B, max_pages), unit stride"
+    assert cache_lens.dtype == torch.int32 and cache_lens.shape == (b,), "cache_lens must be (B,) int32"
+    assert t <= 64, "chunks longer than 64 frames are not supported"
+    if out is None:
+        out = torch.empty((b, s, t, h, d), device=q.device, dtype=q.dtype)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
+    grid = (h, s, b)
+    _paged_temporal_attention_kernel[grid](
+        q, k_new, v_new, out, pool, page_table, cache_lens,
+        *q.stride()[:4], *k_new.stride()[:4], *v_new.stride()[:4], *out.stride()[:4],
+        *pool.stride()[:4], page_table.stride(0),
+        t, d, d**-0.5,
+        BLOCK_M=_block(t), BLOCK_N=32, BLOCK_D=_block(d), IEEE=q.dtype == torch.float32,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def paged_temporal_attention_reference(
+    q: Tensor, k_new: Tensor, v_new: Tensor, pool: Tensor, page_table: Tensor, cache_lens: Tensor
+) -> Tensor:
+    """Plain torch: gather each stream's pages, concatenate the chunk, masked softmax in fp32."""
+    b, s, t, h, d = q.shape
+    outs = []
+    for i in range(b):
+        n = int(cache_lens[i])
+        pages = pool[page_table[i, :n].long()]  # (n, 2, S, H, D)
+        keys = torch.cat([pages[:, 0].permute(1, 2, 0, 3), k_new[i].permute(0, 2, 1, 3)], dim=2)  # (S, H, n+T, D)
+        vals = torch.cat([pages[:, 1].permute(1, 2, 0, 3), v_new[i].permute(0, 2, 1, 3)], dim=2)
+        qi = q[i].permute(0, 2, 1, 3).float()  # (S, H, T, D)
+        scores = qi @ keys.float().transpose(-1, -2) * d**-0.5  # (S, H, T, n+T)
+        visible = torch.arange(n + t, device=q.device)[None, :] <= torch.arange(t, device=q.device)[:, None] + n
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out = scores.softmax(-1) @ vals.float()  # (S, H, T, D)
+        outs.append(out.permute(0, 2, 1, 3).to(q.dtype))
+    return torch.stack(outs)

@@ -1,0 +1,98 @@
+"""`PagedKVCache`: the model's `KVCache` for a batch of streams over the shared page pool.
+
+Each stream may hold any number of cached frames (0..P_max) and sit at any absolute position; one
+forward serves them all. Reads go through the Triton kernels on CUDA (or with TRITON_INTERPRET=1), and
+through the plain torch references otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from kernels.paged_prefix_attention import paged_prefix_attention, paged_prefix_attention_reference
+from kernels.paged_temporal_attention import paged_temporal_attention, paged_temporal_attention_reference
+from kernels.paged_write import paged_write, paged_write_reference
+from server.model.cache import KVCache
+
+from .block_manager import PageManager, StreamPages, WritePlan
+from .pool import KVPool
+
+
+def _use_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class PagedKVCache(KVCache):
+    def __init__(self, pool: KVPool, manager: PageManager, streams: list[StreamPages], backend: str = "auto") -> None:
+        if not streams:
+            raise ValueError("a batch needs at least one stream")
+        max_frames = {st.max_frames for st in streams}
+        if len(max_frames) != 1:
+            raise ValueError("streams in one batch must share max_frames")
+        self.pool, self.manager, self.streams = pool, manager, streams
+        self.max_frames = max_frames.pop()
+        self.prefix_frames = manager.num_prefix
+        self.device = pool.temporal.device
+        if backend == "auto":
+            backend = "triton" if _use_triton(self.device) else "torch"
+        if backend not in ("triton", "torch"):
+            raise ValueError(f"unknown backend {backend!r}")
+        self.backend = backend
+        self._plan: WritePlan | None = None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Device copies of the page tables (one host-to-device copy per batch state change)."""
+        b = len(self.streams)
+        table = torch.zeros(b, self.max_frames, dtype=torch.int32)
+        prefix = torch.zeros(b, self.prefix_frames, dtype=torch.int32)
+        for i, st in enumerate(self.streams):
+            table[i, : st.num_cached] = torch.tensor(st.ring, dtype=torch.int32)
+            if st.prefix:
+                prefix[i] = torch.tensor(st.prefix, dtype=torch.int32)
+        self.page_table = table.to(self.device)
+        self.prefix_table = prefix.to(self.device)
+        self.cache_lens = torch.tensor([st.num_cached for st in self.streams], dtype=torch.int32).to(self.device)
+        self._positions = torch.tensor([st.num_written for st in self.streams], dtype=torch.long).to(self.device)
+
+    # ---- KVCache ----------------------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.streams)
+
+    def positions(self) -> Tensor:
+        return self._positions
+
+    def num_cached(self) -> Tensor:
+        return self.cache_lens.long()
+
+    def attend_temporal(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        fn = paged_temporal_attention if self.backend == "triton" else paged_temporal_attention_reference
+        out = fn(q, k, v, self.pool.temporal[layer], self.page_table, self.cache_lens)  # (B, S, T, H, D)
+        return out.flatten(-2)
+
+    def attend_prefix(self, layer: int, q: Tensor) -> Tensor:
+        assert all(st.prefix for st in self.streams), "prefix K/V read before any frame was written"
+        fn = paged_prefix_attention if self.backend == "triton" else paged_prefix_attention_reference
+        return fn(q, self.pool.prefix[layer], self.prefix_table).flatten(-2)
+
+    def store(self, layer: int, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None) -> None:
+        if self._plan is None:  # first layer of a write: choose pages (may raise OutOfPages, nothing written)
+            self._plan = self.manager.plan_write(self.streams, k.shape[2])
+            self._new_pages = torch.tensor(self._plan.pages, dtype=torch.int32).to(self.device)
+            self._new_prefix = torch.tensor(self._plan.prefix_pages, dtype=torch.int32).to(self.device)
+        write = paged_write if self.backend == "triton" else paged_write_reference
+        write(k.transpose(1, 2), v.transpose(1, 2), self.pool.temporal[layer], self._new_pages)  # (B, T, S, H, D)
+        if self.prefix_frames:
+            assert prefix_k is not None and prefix_v is not None
+            write(prefix_k, prefix_v, self.pool.prefix[layer], self._new_prefix)
+
+    def commit(self, num_frames: int) -> None:
+        assert self._plan is not None and self._plan.num_frames == num_frames, "commit without a matching write"
+        self.manager.commit_write(self.streams, self._plan)
+        self._plan = None
+        self._refresh()

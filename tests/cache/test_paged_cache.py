@@ -1,0 +1,92 @@
+"""The model over the paged pool: one batched forward of streams with different cache lengths and timesteps
+equals each stream run alone on the dense cache (fp32, < 1e-5), through dequeue and TPE wrap, and after
+batched writes that reuse pages in place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.cache.block_manager import OutOfPages, PageManager
+from server.cache.paged import PagedKVCache
+from server.cache.pool import KVPool
+from server.model.cache import DenseKVCache
+from server.model.config import ModelConfig
+from server.model.stdit import CausalSTDiT
+
+CFG = ModelConfig(input_size=(8, 8, 8), in_channels=4, hidden_size=32, depth=2, num_heads=2)
+P_MAX, CHUNK = 25, 8
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CausalSTDiT(CFG).randomize_(0).eval()
+
+
+def test_batched_forward_equals_single_streams(model):
+    gen = torch.Generator().manual_seed(0)
+    pool = KVPool.for_sessions(CFG, 5, P_MAX, "cpu", torch.float32)
+    mgr = PageManager(pool.num_pages, pool.num_prefix_pages, CFG.prefix_frames)
+    histories = [0, 1, 2, 4, 5]  # chunks after the first frame: 1, 9, 17, 33 (dequeued), 41 (TPE wrapped)
+    streams, dense = [], []
+    for num_chunks in histories:
+        st, d = mgr.new_stream(P_MAX), DenseKVCache.for_model(model, 1, P_MAX)
+        for w in range(num_chunks + 1):
+            x = torch.randn(1, 4, 1 if w == 0 else CHUNK, 8, 8, generator=gen)
+            model.write(PagedKVCache(pool, mgr, [st]), x)
+            model.write(d, x)
+        streams.append(st)
+        dense.append(d)
+    batch = PagedKVCache(pool, mgr, streams)
+    assert batch.num_cached().tolist() == [1, 9, 17, 25, 25]
+    assert batch.positions().tolist() == [1, 9, 17, 33, 41]
+    for _ in range(2):  # denoise, then a batched write (in-place page reuse for the full streams), again
+        x = torch.randn(5, 4, CHUNK, 8, 8, generator=gen)
+        t = torch.randint(0, 1000, (5,), generator=gen)
+        out = model.denoise(batch, x, t)
+        for i in range(5):
+            assert rel_err(out[i : i + 1], model.denoise(dense[i], x[i : i + 1], t[i : i + 1])) < 1e-5, i
+        clean = torch.randn(5, 4, CHUNK, 8, 8, generator=gen)
+        model.write(batch, clean)
+        for i in range(5):
+            model.write(dense[i], clean[i : i + 1])
+    for st in streams:
+        mgr.release(st)
+    assert mgr.temporal.num_free == pool.num_pages and mgr.prefix.num_free == pool.num_prefix_pages
+
+
+def test_torch_backend_matches_kernels(model):
+    gen = torch.Generator().manual_seed(1)
+    pool = KVPool.for_sessions(CFG, 2, P_MAX, "cpu", torch.float32)
+    mgr = PageManager(pool.num_pages, pool.num_prefix_pages, CFG.prefix_frames)
+    streams = [mgr.new_stream(P_MAX), mgr.new_stream(P_MAX)]
+    model.write(PagedKVCache(pool, mgr, streams), torch.randn(2, 4, 1, 8, 8, generator=gen))
+    x, t = torch.randn(2, 4, CHUNK, 8, 8, generator=gen), torch.tensor([3, 700])
+    a = model.denoise(PagedKVCache(pool, mgr, streams, backend="triton"), x, t)
+    b = model.denoise(PagedKVCache(pool, mgr, streams, backend="torch"), x, t)
+    assert rel_err(a, b) < 1e-5
+
+
+def test_out_of_pages_leaves_streams_intact(model):
+    pool = KVPool(CFG, num_pages=10, num_prefix_pages=6, device="cpu", dtype=torch.float32)
+    mgr = PageManager(pool.num_pages, pool.num_prefix_pages, CFG.prefix_frames)
+    streams = [mgr.new_stream(P_MAX), mgr.new_stream(P_MAX)]
+    cache = PagedKVCache(pool, mgr, streams)
+    model.write(cache, torch.randn(2, 4, 1, 8, 8))
+    with pytest.raises(OutOfPages):
+        model.write(cache, torch.randn(2, 4, CHUNK, 8, 8))
+    assert [st.num_written for st in streams] == [1, 1] and mgr.temporal.num_free == 8
+
+
+def test_pool_sizing():
+    xl = ModelConfig()
+    page = KVPool.page_bytes(xl, torch.bfloat16)
+    assert page == 28 * 2 * 256 * 1152 * 2  # one frame, all layers, K and V: 33 MB
+    assert 25 * page / 2**30 == pytest.approx(0.77, abs=0.01)  # the paper's 0.77 GiB temporal cache
+    with torch.device("meta"):
+        pool = KVPool.for_budget(xl, 64 * 28 * page, P_MAX, "meta", torch.bfloat16)
+    assert pool.num_pages == 64 * P_MAX and pool.num_prefix_pages == 64 * 3
