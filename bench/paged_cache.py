@@ -207,12 +207,13 @@ def maintenance_bench(sessions: int) -> dict:
     k, v = torch.randn(2, sessions, T, S, H, D, device="cuda", dtype=BF16).unbind(0)
     pages = torch.randperm(pool.shape[1], device="cuda")[: sessions * T].view(sessions, T).int()
 
-    def paged():
+    def paged(pool=pool):
         for layer in range(DEPTH):
             paged_write(k, v, pool[layer], pages)
 
     ours = timed([paged], iters=10)
-    del pool
+    paged.__defaults__ = (None,)
+    pool = None
     dense = torch.empty(DEPTH, sessions, P_MAX, S, 2 * H * D, device="cuda", dtype=BF16)
     new = torch.randn(DEPTH, sessions, T, S, 2 * H * D, device="cuda", dtype=BF16)
 
@@ -274,11 +275,11 @@ def forward_bench(cfg, sessions_list) -> list[dict]:
         t = torch.full((sessions,), 500, device="cuda")
         row = {
             "sessions": sessions,
-            "paged_ms": timed([lambda: model.denoise(paged, x, t)], iters=10),
-            "dense_ms": timed([lambda: model.denoise(dense, x, t)], iters=10),
+            "paged_ms": timed([lambda c=paged, x=x, t=t: model.denoise(c, x, t)], iters=10),
+            "dense_ms": timed([lambda c=dense, x=x, t=t: model.denoise(c, x, t)], iters=10),
         }
         rows.append(row)
-        del pool, dense, paged
+        pool = dense = paged = None
         torch.cuda.empty_cache()
     return rows
 
@@ -309,8 +310,9 @@ def main() -> None:
     print("model paged vs dense:", json.dumps(result["model_paged_vs_dense_rel_err"]))
     print(f"{'sess':>4} {'paged ms':>9} {'contig sdpa':>11} {'gather+sdpa':>11} {'GB/s':>6} {'%copy':>6}")
     for r in result["temporal_attention"]:
+        pct = 100 * r["fraction_of_copy_bandwidth"]
         print(f"{r['sessions']:>4} {r['paged_triton_ms']:>9.3f} {r['contiguous_sdpa_ms']:>11.3f} "
-              f"{r['gather_then_sdpa_ms']:>11.3f} {r['achieved_gbs']:>6.0f} {100 * r['fraction_of_copy_bandwidth']:>5.0f}%")  # fmt: skip
+              f"{r['gather_then_sdpa_ms']:>11.3f} {r['achieved_gbs']:>6.0f} {pct:>5.0f}%")  # fmt: skip
     print("prefix:", json.dumps(result["prefix_attention"]))
     print("maintenance:", json.dumps(result["cache_maintenance"]))
     print("denoise forward:", json.dumps(result["denoise_forward"]))
