@@ -200,29 +200,37 @@ def prefix_attention_bench(sessions: int) -> dict:
     }
 
 
-def maintenance_bench(sessions: int) -> dict:
-    """Per AR step, all layers: write 8 new frames. Paged: 28 scatter launches into free pages, no data
-    moves. Reference: torch.roll of the dense cache by 8 frames, then write the new 8 frames at the end."""
+def _time_paged_write(sessions: int) -> float:
     pool = torch.empty(DEPTH, sessions * P_MAX + sessions * T, 2, S, H, D, device="cuda", dtype=BF16)
     k, v = torch.randn(2, sessions, T, S, H, D, device="cuda", dtype=BF16).unbind(0)
     pages = torch.randperm(pool.shape[1], device="cuda")[: sessions * T].view(sessions, T).int()
 
-    def paged(pool=pool):
+    def write_all_layers():
         for layer in range(DEPTH):
             paged_write(k, v, pool[layer], pages)
 
-    ours = timed([paged], iters=10)
-    paged.__defaults__ = (None,)
-    pool = None
+    return timed([write_all_layers], iters=10)
+
+
+def _time_dense_roll(sessions: int) -> float:
     dense = torch.empty(DEPTH, sessions, P_MAX, S, 2 * H * D, device="cuda", dtype=BF16)
     new = torch.randn(DEPTH, sessions, T, S, 2 * H * D, device="cuda", dtype=BF16)
 
-    def roll():
+    def roll_and_write():
         rolled = torch.roll(dense, -T, dims=2)
         rolled[:, :, -T:] = new
         return rolled
 
-    ref = timed([roll], iters=10)
+    return timed([roll_and_write], iters=10)
+
+
+def maintenance_bench(sessions: int) -> dict:
+    """Per AR step, all layers: write 8 new frames. Paged: 28 scatter launches into free pages, no data
+    moves. Reference: torch.roll of the dense cache by 8 frames, then write the new 8 frames at the end."""
+    ours = _time_paged_write(sessions)
+    torch.cuda.empty_cache()
+    ref = _time_dense_roll(sessions)
+    torch.cuda.empty_cache()
     return {"sessions": sessions, "paged_write_ms": ours, "dense_roll_and_write_ms": ref, "speedup": ref / ours}
 
 
