@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._align import common_alignment
+
 
 @triton.jit
 def _paged_prefix_attention_kernel(
@@ -30,9 +32,9 @@ def _paged_prefix_attention_kernel(
     stride_ob, stride_on, stride_oh,
     stride_pp, stride_pkv, stride_ps, stride_ph,
     stride_xb,
-    num_queries, num_spatial, head_dim, sm_scale,
-    NUM_PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr,
+    num_queries, num_spatial, sm_scale,
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, NUM_PREFIX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -41,9 +43,10 @@ def _paged_prefix_attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < num_queries
-    d_mask = offs_d < head_dim
+    d_mask = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
+    q_off = tl.multiple_of(b * stride_qb + h * stride_qh + offs_m.to(tl.int64) * stride_qn, ALIGN)
+    q_ptrs = Q + q_off[:, None] + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -51,12 +54,12 @@ def _paged_prefix_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for i in tl.static_range(NUM_PREFIX):
         page = tl.load(Prefix + b * stride_xb + i).to(tl.int64)
-        base = Pool + page * stride_pp + h * stride_ph
+        base = Pool + tl.multiple_of(page * stride_pp + h * stride_ph, ALIGN)
         for start in range(0, num_spatial, BLOCK_N):
             cols = start + offs_n
             c_mask = cols < num_spatial
             kv_mask = c_mask[:, None] & d_mask[None, :]
-            k_ptrs = base + cols[:, None] * stride_ps + offs_d[None, :]
+            k_ptrs = base + tl.multiple_of(cols * stride_ps, ALIGN)[:, None] + offs_d[None, :]
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             v = tl.load(k_ptrs + stride_pkv, mask=kv_mask, other=0.0)
             if IEEE:
@@ -75,7 +78,8 @@ def _paged_prefix_attention_kernel(
             m_i = m_new
 
     out = acc / l_i[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_on + offs_d[None, :]
+    o_off = tl.multiple_of(b * stride_ob + h * stride_oh + offs_m.to(tl.int64) * stride_on, ALIGN)
+    o_ptrs = Out + o_off[:, None] + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -99,7 +103,8 @@ def paged_prefix_attention(q: Tensor, pool: Tensor, prefix: Tensor, out: Tensor 
         out.stride(0), out.stride(1), out.stride(2),
         pool.stride(0), pool.stride(1), pool.stride(2), pool.stride(3),
         prefix.stride(0),
-        n, s, d, d**-0.5,
+        n, s, d**-0.5,
+        HEAD_DIM=d, ALIGN=common_alignment([q, out, pool], [*q.stride()[:3], *out.stride()[:3], *pool.stride()[:4]]),
         NUM_PREFIX=prefix.shape[1], BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=max(16, triton.next_power_of_2(d)),
         IEEE=q.dtype == torch.float32, num_warps=4,
     )  # fmt: skip

@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._align import common_alignment
+
 
 @triton.jit
 def _paged_temporal_attention_kernel(
@@ -35,7 +37,8 @@ def _paged_temporal_attention_kernel(
     stride_ob, stride_os, stride_ot, stride_oh,
     stride_pp, stride_pkv, stride_ps, stride_ph,
     stride_tb,
-    num_frames, head_dim, sm_scale,
+    num_frames, sm_scale,
+    HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
@@ -44,10 +47,11 @@ def _paged_temporal_attention_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
+    d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < num_frames
 
-    q_ptrs = Q + b * stride_qb + s * stride_qs + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q_off = tl.multiple_of(b * stride_qb + s * stride_qs + h * stride_qh, ALIGN)
+    q_ptrs = Q + q_off + offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -60,7 +64,7 @@ def _paged_temporal_attention_kernel(
         cols = start + offs_n
         c_mask = cols < num_cached
         pages = tl.load(Table + b * stride_tb + cols, mask=c_mask, other=0).to(tl.int64)
-        base = Pool + pages * stride_pp + s * stride_ps + h * stride_ph  # (BLOCK_N,) pointers
+        base = Pool + tl.multiple_of(pages * stride_pp + s * stride_ps + h * stride_ph, ALIGN)  # (BLOCK_N,)
         kv_mask = c_mask[:, None] & d_mask[None, :]
         k = tl.load(base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(base[:, None] + stride_pkv + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -83,10 +87,10 @@ def _paged_temporal_attention_kernel(
     offs_j = tl.arange(0, BLOCK_M)
     j_mask = offs_j < num_frames
     kv_mask = j_mask[:, None] & d_mask[None, :]
-    k = tl.load(K_new + b * stride_kb + s * stride_ks + h * stride_kh + offs_j[:, None] * stride_kt + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # fmt: skip
-    v = tl.load(V_new + b * stride_vb + s * stride_vs + h * stride_vh + offs_j[:, None] * stride_vt + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # fmt: skip
+    k_off = tl.multiple_of(b * stride_kb + s * stride_ks + h * stride_kh, ALIGN)
+    v_off = tl.multiple_of(b * stride_vb + s * stride_vs + h * stride_vh, ALIGN)
+    k = tl.load(K_new + k_off + offs_j[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V_new + v_off + offs_j[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -103,7 +107,8 @@ def _paged_temporal_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     out = acc / l_i[:, None]
-    o_ptrs = Out + b * stride_ob + s * stride_os + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    o_off = tl.multiple_of(b * stride_ob + s * stride_os + h * stride_oh, ALIGN)
+    o_ptrs = Out + o_off + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -139,7 +144,9 @@ def paged_temporal_attention(
         q, k_new, v_new, out, pool, page_table, cache_lens,
         *q.stride()[:4], *k_new.stride()[:4], *v_new.stride()[:4], *out.stride()[:4],
         *pool.stride()[:4], page_table.stride(0),
-        t, d, d**-0.5,
+        t, d**-0.5,
+        HEAD_DIM=d, ALIGN=common_alignment([q, k_new, v_new, out, pool], [*q.stride()[:4], *k_new.stride()[:4],
+                                           *v_new.stride()[:4], *out.stride()[:4], *pool.stride()[:4]]),
         BLOCK_M=_block(t), BLOCK_N=32, BLOCK_D=_block(d), IEEE=q.dtype == torch.float32,
         num_warps=4,
     )  # fmt: skip

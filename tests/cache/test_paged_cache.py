@@ -16,6 +16,7 @@ from server.model.stdit import CausalSTDiT
 
 CFG = ModelConfig(input_size=(8, 8, 8), in_channels=4, hidden_size=32, depth=2, num_heads=2)
 P_MAX, CHUNK = 25, 8
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel_err(a, b):
@@ -24,19 +25,19 @@ def rel_err(a, b):
 
 @pytest.fixture(scope="module")
 def model():
-    return CausalSTDiT(CFG).randomize_(0).eval()
+    return CausalSTDiT(CFG).randomize_(0).to(DEVICE).eval()
 
 
 def test_batched_forward_equals_single_streams(model):
     gen = torch.Generator().manual_seed(0)
-    pool = KVPool.for_sessions(CFG, 5, P_MAX, "cpu", torch.float32)
+    pool = KVPool.for_sessions(CFG, 5, P_MAX, DEVICE, torch.float32)
     mgr = PageManager(pool.num_pages, pool.num_prefix_pages, CFG.prefix_frames)
     histories = [0, 1, 2, 4, 5]  # chunks after the first frame: 1, 9, 17, 33 (dequeued), 41 (TPE wrapped)
     streams, dense = [], []
     for num_chunks in histories:
         st, d = mgr.new_stream(P_MAX), DenseKVCache.for_model(model, 1, P_MAX)
         for w in range(num_chunks + 1):
-            x = torch.randn(1, 4, 1 if w == 0 else CHUNK, 8, 8, generator=gen)
+            x = torch.randn(1, 4, 1 if w == 0 else CHUNK, 8, 8, generator=gen).to(DEVICE)
             model.write(PagedKVCache(pool, mgr, [st]), x)
             model.write(d, x)
         streams.append(st)
@@ -45,12 +46,12 @@ def test_batched_forward_equals_single_streams(model):
     assert batch.num_cached().tolist() == [1, 9, 17, 25, 25]
     assert batch.positions().tolist() == [1, 9, 17, 33, 41]
     for _ in range(2):  # denoise, then a batched write (in-place page reuse for the full streams), again
-        x = torch.randn(5, 4, CHUNK, 8, 8, generator=gen)
-        t = torch.randint(0, 1000, (5,), generator=gen)
+        x = torch.randn(5, 4, CHUNK, 8, 8, generator=gen).to(DEVICE)
+        t = torch.randint(0, 1000, (5,), generator=gen).to(DEVICE)
         out = model.denoise(batch, x, t)
         for i in range(5):
             assert rel_err(out[i : i + 1], model.denoise(dense[i], x[i : i + 1], t[i : i + 1])) < 1e-5, i
-        clean = torch.randn(5, 4, CHUNK, 8, 8, generator=gen)
+        clean = torch.randn(5, 4, CHUNK, 8, 8, generator=gen).to(DEVICE)
         model.write(batch, clean)
         for i in range(5):
             model.write(dense[i], clean[i : i + 1])
@@ -61,24 +62,24 @@ def test_batched_forward_equals_single_streams(model):
 
 def test_torch_backend_matches_kernels(model):
     gen = torch.Generator().manual_seed(1)
-    pool = KVPool.for_sessions(CFG, 2, P_MAX, "cpu", torch.float32)
+    pool = KVPool.for_sessions(CFG, 2, P_MAX, DEVICE, torch.float32)
     mgr = PageManager(pool.num_pages, pool.num_prefix_pages, CFG.prefix_frames)
     streams = [mgr.new_stream(P_MAX), mgr.new_stream(P_MAX)]
-    model.write(PagedKVCache(pool, mgr, streams), torch.randn(2, 4, 1, 8, 8, generator=gen))
-    x, t = torch.randn(2, 4, CHUNK, 8, 8, generator=gen), torch.tensor([3, 700])
+    model.write(PagedKVCache(pool, mgr, streams), torch.randn(2, 4, 1, 8, 8, generator=gen).to(DEVICE))
+    x, t = torch.randn(2, 4, CHUNK, 8, 8, generator=gen).to(DEVICE), torch.tensor([3, 700], device=DEVICE)
     a = model.denoise(PagedKVCache(pool, mgr, streams, backend="triton"), x, t)
     b = model.denoise(PagedKVCache(pool, mgr, streams, backend="torch"), x, t)
     assert rel_err(a, b) < 1e-5
 
 
 def test_out_of_pages_leaves_streams_intact(model):
-    pool = KVPool(CFG, num_pages=10, num_prefix_pages=6, device="cpu", dtype=torch.float32)
+    pool = KVPool(CFG, num_pages=10, num_prefix_pages=6, device=DEVICE, dtype=torch.float32)
     mgr = PageManager(pool.num_pages, pool.num_prefix_pages, CFG.prefix_frames)
     streams = [mgr.new_stream(P_MAX), mgr.new_stream(P_MAX)]
     cache = PagedKVCache(pool, mgr, streams)
-    model.write(cache, torch.randn(2, 4, 1, 8, 8))
+    model.write(cache, torch.randn(2, 4, 1, 8, 8, device=DEVICE))
     with pytest.raises(OutOfPages):
-        model.write(cache, torch.randn(2, 4, CHUNK, 8, 8))
+        model.write(cache, torch.randn(2, 4, CHUNK, 8, 8, device=DEVICE))
     assert [st.num_written for st in streams] == [1, 1] and mgr.temporal.num_free == 8
 
 
