@@ -136,7 +136,12 @@ def temporal_attention_bench(sessions: int, copy_gbs: float) -> dict:
     ]
     lens = torch.full((sessions,), P_MAX, dtype=torch.int32, device="cuda")
     q, k, v = torch.randn(sessions, S, T, 3, H, D, device="cuda", dtype=BF16).unbind(3)
-    ours = timed([lambda tb=tb: paged_temporal_attention(q, k, v, pool, tb, lens) for tb in tables])
+    sweep = {
+        w: timed([lambda tb=tb, w=w: paged_temporal_attention(q, k, v, pool, tb, lens, num_warps=w) for tb in tables])
+        for w in (1, 2, 4)
+    }
+    best_warps = min(sweep, key=sweep.get)
+    ours = sweep[best_warps]
     cache_bytes = sessions * P_MAX * 2 * S * H * D * 2
     io_bytes = cache_bytes + 4 * q.numel() * 2  # + q, k_new, v_new read, out written
 
@@ -163,6 +168,8 @@ def temporal_attention_bench(sessions: int, copy_gbs: float) -> dict:
     return {
         "sessions": sessions,
         "paged_triton_ms": ours,
+        "paged_triton_ms_by_num_warps": sweep,
+        "best_num_warps": best_warps,
         "contiguous_sdpa_ms": contiguous,
         "gather_then_sdpa_ms": gathered,
         "kv_cache_bytes": cache_bytes,
@@ -180,7 +187,13 @@ def prefix_attention_bench(sessions: int) -> dict:
         torch.stack([torch.randperm(num_pages, device="cuda")[:3] for _ in range(sessions)]).int() for _ in range(4)
     ]
     q = torch.randn(sessions, T * S, H, D, device="cuda", dtype=BF16)
-    ours = timed([lambda tb=tb: paged_prefix_attention(q, pool, tb) for tb in tables])
+    sweep = {
+        f"{bm}x{w}": timed(
+            [lambda tb=tb, bm=bm, w=w: paged_prefix_attention(q, pool, tb, block_m=bm, num_warps=w) for tb in tables]
+        )
+        for bm, w in ((64, 4), (128, 4), (128, 8))
+    }
+    ours = min(sweep.values())
 
     def gather_sdpa(tb):
         kk, vv = gather_prefix_kv(pool, tb)
@@ -194,6 +207,7 @@ def prefix_attention_bench(sessions: int) -> dict:
     return {
         "sessions": sessions,
         "paged_triton_ms": ours,
+        "paged_triton_ms_by_block_m_x_warps": sweep,
         "gather_then_sdpa_ms": gathered,
         "contiguous_sdpa_ms": contiguous,
         "tflops_paged": flops / ours / 1e9,

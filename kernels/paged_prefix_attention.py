@@ -83,7 +83,9 @@ def _paged_prefix_attention_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def paged_prefix_attention(q: Tensor, pool: Tensor, prefix: Tensor, out: Tensor | None = None) -> Tensor:
+def paged_prefix_attention(
+    q: Tensor, pool: Tensor, prefix: Tensor, out: Tensor | None = None, block_m: int = 64, num_warps: int = 4
+) -> Tensor:
     """Attention of q over the K/V of each stream's prefix pages. See the module docstring."""
     b, n, h, d = q.shape
     assert pool.dim() == 5 and pool.shape[1] == 2 and pool.shape[3:] == (h, d), f"bad pool {tuple(pool.shape)}"
@@ -95,7 +97,6 @@ def paged_prefix_attention(q: Tensor, pool: Tensor, prefix: Tensor, out: Tensor 
     if out is None:
         out = torch.empty((b, n, h, d), device=q.device, dtype=q.dtype)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
-    block_m = 64
     grid = (triton.cdiv(n, block_m), h, b)
     _paged_prefix_attention_kernel[grid](
         q, out, pool, prefix,
@@ -106,7 +107,7 @@ def paged_prefix_attention(q: Tensor, pool: Tensor, prefix: Tensor, out: Tensor 
         n, s, d**-0.5,
         HEAD_DIM=d, ALIGN=common_alignment([q, out, pool], [*q.stride()[:3], *out.stride()[:3], *pool.stride()[:4]]),
         NUM_PREFIX=prefix.shape[1], BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        IEEE=q.dtype == torch.float32, num_warps=4,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps,
     )  # fmt: skip
     return out
 

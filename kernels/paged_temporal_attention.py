@@ -124,6 +124,7 @@ def paged_temporal_attention(
     page_table: Tensor,
     cache_lens: Tensor,
     out: Tensor | None = None,
+    num_warps: int = 4,
 ) -> Tensor:
     """Causal temporal attention of a chunk over [paged cached frames | the chunk]. See the module docstring."""
     b, s, t, h, d = q.shape
@@ -148,7 +149,7 @@ def paged_temporal_attention(
         HEAD_DIM=d, ALIGN=common_alignment([q, k_new, v_new, out, pool], [*q.stride()[:4], *k_new.stride()[:4],
                                            *v_new.stride()[:4], *out.stride()[:4], *pool.stride()[:4]]),
         BLOCK_M=_block(t), BLOCK_N=32, BLOCK_D=_block(d), IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 
