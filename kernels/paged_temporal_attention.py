@@ -14,8 +14,10 @@ Shapes (one layer):
     returns         : (B, S, T, H, D) in q's dtype, fp32 accumulation
 
 Each program owns one (stream, spatial position, head) problem: a (T x D) query tile against at most
-P_max + T keys. The problems are tiny, so the kernel is bound by reading K/V; the grid puts the head on
-the fastest axis so neighbouring programs read neighbouring bytes of the same pages.
+P_max + T keys, all in registers at once (P_max <= 64), so the program is straight-line code that issues
+every load before its first use. The problems are tiny, so the kernel is bound by reading K/V; the grid
+puts the head on the fastest axis so neighbouring programs read neighbouring bytes of the same pages,
+and one warp per program keeps the most programs (and loads) in flight.
 """
 
 from __future__ import annotations
@@ -49,62 +51,45 @@ def _paged_temporal_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < num_frames
+    chunk_mask = m_mask[:, None] & d_mask[None, :]
 
+    # 1. issue every load up front (straight-line code: the page loads wait only on the table load)
     q_off = tl.multiple_of(b * stride_qb + s * stride_qs + h * stride_qh, ALIGN)
-    q_ptrs = Q + q_off + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    # 1. cached frames, read through the page table: all visible to every query
-    num_cached = tl.load(Lens + b)
-    for start in range(0, num_cached, BLOCK_N):
-        cols = start + offs_n
-        c_mask = cols < num_cached
-        pages = tl.load(Table + b * stride_tb + cols, mask=c_mask, other=0).to(tl.int64)
-        base = Pool + tl.multiple_of(pages * stride_pp + s * stride_ps + h * stride_ph, ALIGN)  # (BLOCK_N,)
-        kv_mask = c_mask[:, None] & d_mask[None, :]
-        k = tl.load(base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(base[:, None] + stride_pkv + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        qk = tl.where(c_mask[None, :], qk * sm_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-
-    # 2. the chunk's own frames, causal (query i sees chunk frames 0..i); one block since T <= BLOCK_M
-    offs_j = tl.arange(0, BLOCK_M)
-    j_mask = offs_j < num_frames
-    kv_mask = j_mask[:, None] & d_mask[None, :]
     k_off = tl.multiple_of(b * stride_kb + s * stride_ks + h * stride_kh, ALIGN)
     v_off = tl.multiple_of(b * stride_vb + s * stride_vs + h * stride_vh, ALIGN)
-    k = tl.load(K_new + k_off + offs_j[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V_new + v_off + offs_j[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    q = tl.load(Q + q_off + offs_m[:, None] * stride_qt + offs_d[None, :], mask=chunk_mask, other=0.0)
+    k_chunk = tl.load(K_new + k_off + offs_m[:, None] * stride_kt + offs_d[None, :], mask=chunk_mask, other=0.0)
+    v_chunk = tl.load(V_new + v_off + offs_m[:, None] * stride_vt + offs_d[None, :], mask=chunk_mask, other=0.0)
+    num_cached = tl.load(Lens + b)
+    c_mask = offs_n < num_cached
+    pages = tl.load(Table + b * stride_tb + offs_n, mask=c_mask, other=0).to(tl.int64)
+    base = Pool + tl.multiple_of(pages * stride_pp + s * stride_ps + h * stride_ph, ALIGN)  # (BLOCK_N,)
+    kv_mask = c_mask[:, None] & d_mask[None, :]
+    k_cached = tl.load(base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v_cached = tl.load(base[:, None] + stride_pkv + offs_d[None, :], mask=kv_mask, other=0.0)
+
+    # 2. scores against the cached frames (all visible) and the chunk's frames (causal: j <= i)
     if IEEE:
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s_cached = tl.dot(q, tl.trans(k_cached), input_precision="ieee")
+        s_chunk = tl.dot(q, tl.trans(k_chunk), input_precision="ieee")
     else:
-        qk = tl.dot(q, tl.trans(k))
-    visible = (offs_j[None, :] <= offs_m[:, None]) & j_mask[None, :]
-    qk = tl.where(visible, qk * sm_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+        s_cached = tl.dot(q, tl.trans(k_cached))
+        s_chunk = tl.dot(q, tl.trans(k_chunk))
+    s_cached = tl.where(c_mask[None, :], s_cached * sm_scale, float("-inf"))
+    visible = (offs_m[None, :] <= offs_m[:, None]) & m_mask[None, :]
+    s_chunk = tl.where(visible, s_chunk * sm_scale, float("-inf"))
+
+    # 3. softmax over both key sets (each row sees at least its own frame, so the max is finite)
+    row_max = tl.maximum(tl.max(s_cached, 1), tl.max(s_chunk, 1))
+    p_cached = tl.exp(s_cached - row_max[:, None])
+    p_chunk = tl.exp(s_chunk - row_max[:, None])
+    l_i = tl.sum(p_cached, 1) + tl.sum(p_chunk, 1)
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = tl.dot(p_cached.to(v_cached.dtype), v_cached, input_precision="ieee")
+        acc += tl.dot(p_chunk.to(v_chunk.dtype), v_chunk, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p_cached.to(v_cached.dtype), v_cached)
+        acc += tl.dot(p_chunk.to(v_chunk.dtype), v_chunk)
 
     out = acc / l_i[:, None]
     o_off = tl.multiple_of(b * stride_ob + s * stride_os + h * stride_oh, ALIGN)
@@ -124,7 +109,7 @@ def paged_temporal_attention(
     page_table: Tensor,
     cache_lens: Tensor,
     out: Tensor | None = None,
-    num_warps: int = 4,
+    num_warps: int = 1,
 ) -> Tensor:
     """Causal temporal attention of a chunk over [paged cached frames | the chunk]. See the module docstring."""
     b, s, t, h, d = q.shape
@@ -136,7 +121,7 @@ def paged_temporal_attention(
     assert page_table.dtype == torch.int32, "page_table must be int32"
     assert page_table.shape[0] == b and page_table.stride(1) == 1, "page_table must be (B, max_pages), unit stride"
     assert cache_lens.dtype == torch.int32 and cache_lens.shape == (b,), "cache_lens must be (B,) int32"
-    assert t <= 64, "chunks longer than 64 frames are not supported"
+    assert t <= 64 and page_table.shape[1] <= 64, "chunks and caches longer than 64 frames are not supported"
     if out is None:
         out = torch.empty((b, s, t, h, d), device=q.device, dtype=q.dtype)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
@@ -148,7 +133,7 @@ def paged_temporal_attention(
         t, d**-0.5,
         HEAD_DIM=d, ALIGN=common_alignment([q, k_new, v_new, out, pool], [*q.stride()[:4], *k_new.stride()[:4],
                                            *v_new.stride()[:4], *out.stride()[:4], *pool.stride()[:4]]),
-        BLOCK_M=_block(t), BLOCK_N=32, BLOCK_D=_block(d), IEEE=q.dtype == torch.float32,
+        BLOCK_M=_block(t), BLOCK_N=_block(page_table.shape[1]), BLOCK_D=_block(d), IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
     )  # fmt: skip
     return out

@@ -69,7 +69,8 @@ def test_torch_backend_matches_kernels(model):
     x, t = torch.randn(2, 4, CHUNK, 8, 8, generator=gen).to(DEVICE), torch.tensor([3, 700], device=DEVICE)
     a = model.denoise(PagedKVCache(pool, mgr, streams, backend="triton"), x, t)
     b = model.denoise(PagedKVCache(pool, mgr, streams, backend="torch"), x, t)
-    assert rel_err(a, b) < 1e-5
+    c = model.denoise(PagedKVCache(pool, mgr, streams, backend="triton", prefix_kernel="triton"), x, t)
+    assert rel_err(a, b) < 1e-5 and rel_err(c, b) < 1e-5
 
 
 def test_out_of_pages_leaves_streams_intact(model):

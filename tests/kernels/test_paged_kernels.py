@@ -10,7 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.paged_prefix_attention import paged_prefix_attention, paged_prefix_attention_reference
+from kernels.paged_prefix_attention import (
+    paged_prefix_attention,
+    paged_prefix_attention_reference,
+    paged_prefix_attention_sdpa,
+)
 from kernels.paged_temporal_attention import paged_temporal_attention, paged_temporal_attention_reference
 from kernels.paged_write import paged_write, paged_write_reference
 
@@ -75,6 +79,7 @@ def test_paged_prefix_attention(dtype, head_dim):
     ref = paged_prefix_attention_reference(q, pool, prefix)
     assert not out.isnan().any(), "unwritten output elements"
     assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(paged_prefix_attention_sdpa(q, pool, prefix), ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
