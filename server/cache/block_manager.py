@@ -159,3 +159,45 @@ class PageManager:
             st.prefix = ptargets
         self.temporal.free(plan.released)
         self.prefix.free(plan.released_prefix)
+
+
+class FirstFrameIndex:
+    """Shares first frames: streams started from the same condition image, seed and prefix perturbation
+    write identical first-frame K/V, so a later one forks the pages of an earlier one instead of running
+    the write. Each entry holds one reference to its pages; least recently used entries are dropped past
+    `capacity`, and `evict` frees them when the pool runs short.
+    """
+
+    def __init__(self, manager: PageManager, capacity: int = 64) -> None:
+        from collections import OrderedDict
+
+        self.manager = manager
+        self.capacity = capacity
+        self._entries: OrderedDict[object, StreamPages] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, key: object) -> StreamPages | None:
+        """A new stream sharing the cached first frame of `key`, or None."""
+        template = self._entries.get(key)
+        if template is None:
+            return None
+        self._entries.move_to_end(key)
+        return self.manager.fork(template)
+
+    def insert(self, key: object, stream: StreamPages) -> None:
+        """Remember `stream` (which has written exactly its first frame) under `key`."""
+        assert stream.num_written == 1, "only a stream holding just its first frame can be shared"
+        if key in self._entries:
+            return
+        self._entries[key] = self.manager.fork(stream)
+        while len(self._entries) > self.capacity:
+            self.manager.release(self._entries.popitem(last=False)[1])
+
+    def evict(self, num_entries: int | None = None) -> int:
+        """Release the `num_entries` least recently used entries (all by default); returns how many."""
+        n = len(self._entries) if num_entries is None else min(num_entries, len(self._entries))
+        for _ in range(n):
+            self.manager.release(self._entries.popitem(last=False)[1])
+        return n

@@ -107,3 +107,30 @@ def test_many_streams_random_lifetimes_leak_nothing():
     for st in live:
         mgr.release(st)
     assert mgr.temporal.num_free == 400 and mgr.prefix.num_free == 60
+
+
+def test_first_frame_index_shares_and_evicts():
+    from server.cache.block_manager import FirstFrameIndex
+
+    mgr = PageManager(num_pages=40, num_prefix_pages=18, num_prefix=3)
+    index = FirstFrameIndex(mgr, capacity=2)
+    a = mgr.new_stream(25)
+    write(mgr, [a], 1)
+    key = ("sha256-of-image", 7, 50)  # image, seed, prefix perturbation
+    index.insert(key, a)
+    assert index.lookup(("other", 7, 50)) is None
+    b = index.lookup(key)
+    assert b is not None and b.ring == a.ring and b.prefix == a.prefix and b.num_written == 1
+    assert mgr.temporal.refcount(a.ring[0]) == 3  # a, the index entry, b
+    write(mgr, [a, b], 8)  # both continue independently from the shared frame
+    assert a.ring[0] == b.ring[0] and set(a.ring[1:]).isdisjoint(b.ring[1:])
+    for i in range(2):  # capacity 2: inserting two more drops the oldest entry
+        c = mgr.new_stream(25)
+        write(mgr, [c], 1)
+        index.insert(("img", i, 50), c)
+        mgr.release(c)
+    assert len(index) == 2 and index.lookup(key) is None
+    mgr.release(a)
+    mgr.release(b)
+    assert index.evict() == 2
+    assert mgr.temporal.num_free == 40 and mgr.prefix.num_free == 18
