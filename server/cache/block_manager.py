@@ -84,6 +84,18 @@ class WritePlan:
     released_prefix: list[int]
 
 
+def _target_page(bm: BlockManager, old: int | None, released: list[int], fresh: list[int]) -> int:
+    """The page for an entry that replaces `old`: `old` itself when the stream owns it alone (overwritten in
+    place), else a fresh page (`old`, if any, is released at commit)."""
+    if old is not None and bm.refcount(old) == 1:
+        return old
+    if old is not None:
+        released.append(old)
+    page = bm.allocate(1)[0]
+    fresh.append(page)
+    return page
+
+
 class PageManager:
     """Allocation policy over the two id spaces; streams are plain `StreamPages` records."""
 
@@ -120,26 +132,12 @@ class PageManager:
                 for i in range(num_frames):
                     n = st.num_written + i
                     old = st.ring[n % st.max_frames] if n >= st.max_frames else None
-                    if old is not None and self.temporal.refcount(old) == 1:
-                        targets.append(old)  # sole owner, frame leaves the queue: overwrite in place
-                        continue
-                    if old is not None:
-                        plan.released.append(old)
-                    page = self.temporal.allocate(1)[0]
-                    fresh_t.append(page)
-                    targets.append(page)
+                    targets.append(_target_page(self.temporal, old, plan.released, fresh_t))
                 plan.pages.append(targets)
-                ptargets = []
-                for slot in range(self.num_prefix):
-                    old = st.prefix[slot] if st.prefix else None
-                    if old is not None and self.prefix.refcount(old) == 1:
-                        ptargets.append(old)
-                        continue
-                    if old is not None:
-                        plan.released_prefix.append(old)
-                    page = self.prefix.allocate(1)[0]
-                    fresh_p.append(page)
-                    ptargets.append(page)
+                ptargets = [
+                    _target_page(self.prefix, st.prefix[slot] if st.prefix else None, plan.released_prefix, fresh_p)
+                    for slot in range(self.num_prefix)
+                ]
                 plan.prefix_pages.append(ptargets)
         except OutOfPages:
             self.temporal.free(fresh_t)
