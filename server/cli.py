@@ -82,6 +82,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .engine.benchmark import run_benchmarks
+
+    result = run_benchmarks(args)
+    log.info("wrote %s", args.out)
+    print(f"forward: {result['forward']['denoise_ms']:.2f} ms (floor {result['forward']['floor_ms']:.2f} ms)")
+    for row in result.get("sessions", []):
+        print(
+            f"{row['sessions']:>3} sessions: first clip p50 {row['time_to_first_generated_clip_p50_s']:.2f} s, "
+            f"{row['frames_per_s_per_session_median']:.1f} fps/session, {row['aggregate_frames_per_s']:.1f} fps, "
+            f"{100 * row['fraction_of_compute_floor']:.0f}% of floor, "
+            f"{row['peak_memory_per_session_gib']:.2f} GiB/session"
+        )
+    if "table5" in result:
+        print(f"80 frames x 100 IDDPM steps: {result['table5']['seconds']:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ca2vdm", description="Ca2-VDM streaming video generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=_env("seed", 0, int))
     gen.add_argument("--out", default=_env("out", None), required=_env("out", None) is None, help="output MP4")
     gen.set_defaults(func=_cmd_generate)
+
+    bench = sub.add_parser("bench", help="engine benchmark scenarios (JSON with card, commit, command)")
+    _add_model_flags(bench)
+    bench.set_defaults(model=_env("model", "random:XL/2"))
+    bench.add_argument("--scenarios", default=_env("scenarios", "forward,ar_steps,table5,sessions"))
+    bench.add_argument("--sessions", default=_env("sessions", "1,4,16,64"), help="comma-separated session counts")
+    bench.add_argument("--steps", type=int, default=_env("steps", 25, int), help="DDIM steps per chunk")
+    bench.add_argument("--chunks", type=int, default=_env("chunks", 2, int), help="chunks generated per session")
+    bench.add_argument("--max-batch", type=int, default=_env("max_batch", 16, int))
+    bench.add_argument("--commit", default=_env("commit", None))
+    bench.add_argument("--out", default=_env("out", "bench.json"))
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -2,12 +2,10 @@
 
 Each stream may hold any number of cached frames (0..P_max) and sit at any absolute position; one
 forward serves them all. Reads go through the Triton kernels on CUDA (or with TRITON_INTERPRET=1), and
-through the plain torch references otherwise.
+through the plain torch references on the CPU.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
@@ -25,14 +23,11 @@ from .block_manager import PageManager, StreamPages, WritePlan
 from .pool import KVPool
 
 
-def _use_triton(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 class PagedKVCache(KVCache):
-    """`backend`: "triton" (the paged kernels), "torch" (plain references), "auto" (triton on CUDA or under
-    TRITON_INTERPRET=1). `prefix_kernel`: with the triton backend, prefix attention runs as gather + SDPA
-    ("sdpa", the default: measured faster at 4+ streams) or as the paged Triton kernel ("triton")."""
+    """`backend`: "triton" (the paged kernels), "torch" (plain references), "auto" (triton on CUDA, torch on
+    the CPU; tests run the kernels on the CPU with backend="triton" under TRITON_INTERPRET=1).
+    `prefix_kernel`: with the triton backend, prefix attention runs as gather + SDPA ("sdpa", the default:
+    measured faster at 4+ streams) or as the paged Triton kernel ("triton")."""
 
     def __init__(
         self,
@@ -52,7 +47,7 @@ class PagedKVCache(KVCache):
         self.prefix_frames = manager.num_prefix
         self.device = pool.temporal.device
         if backend == "auto":
-            backend = "triton" if _use_triton(self.device) else "torch"
+            backend = "triton" if self.device.type == "cuda" else "torch"
         if backend not in ("triton", "torch"):
             raise ValueError(f"unknown backend {backend!r}")
         if prefix_kernel not in ("sdpa", "triton"):

@@ -20,7 +20,8 @@ from .diffusion import Sampler
 from .loader import Pipeline
 
 
-def _perturb(latents: Tensor, sampler: Sampler, t_p: int, gen: torch.Generator) -> Tensor:
+def perturb_for_cache(latents: Tensor, sampler: Sampler, t_p: int, gen: torch.Generator) -> Tensor:
+    """Prefix perturbation: noise clean frames to the respaced index of t_p before they are cached."""
     k = sampler.perturb_index(t_p) if t_p > 0 else None
     if k is None:
         return latents
@@ -54,7 +55,7 @@ def generate_clips(
     else:
         first = model.bov_token[None, :, None].float()  # (1, C, 1, h, w)
         produced = 0
-    model.write(cache, _perturb(first, sampler, cfg.prefix_perturb_t, gen))
+    model.write(cache, perturb_for_cache(first, sampler, cfg.prefix_perturb_t, gen))
 
     # 2. chunk after chunk
     c, (h, w) = cfg.model.in_channels, cfg.model.input_size[1:]
@@ -63,7 +64,7 @@ def generate_clips(
         chunk = sampler.sample_loop(lambda x, t: model.denoise(cache, x, t), noise, generator=gen)
         n = min(cfg.chunk_frames, num_frames - produced)
         if produced + n < num_frames:  # the last chunk's K/V would never be read
-            model.write(cache, _perturb(chunk, sampler, cfg.prefix_perturb_t, gen))
+            model.write(cache, perturb_for_cache(chunk, sampler, cfg.prefix_perturb_t, gen))
         yield frames_to_uint8(pipe.codec.decode(chunk[:, :, :n]))[0]
         produced += n
 

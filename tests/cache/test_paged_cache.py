@@ -41,11 +41,11 @@ def test_batched_forward_equals_single_streams(model):
         st, d = mgr.new_stream(P_MAX), DenseKVCache.for_model(model, 1, P_MAX)
         for w in range(num_chunks + 1):
             x = torch.randn(1, 4, 1 if w == 0 else CHUNK, 8, 8, generator=gen).to(DEVICE)
-            model.write(PagedKVCache(pool, mgr, [st]), x)
+            model.write(PagedKVCache(pool, mgr, [st], backend="triton"), x)
             model.write(d, x)
         streams.append(st)
         dense.append(d)
-    batch = PagedKVCache(pool, mgr, streams)
+    batch = PagedKVCache(pool, mgr, streams, backend="triton")  # the kernels (interpreted on CPU)
     assert batch.num_cached().tolist() == [1, 9, 17, 25, 25]
     assert batch.positions().tolist() == [1, 9, 17, 33, 41]
     for _ in range(2):  # denoise, then a batched write (in-place page reuse for the full streams), again

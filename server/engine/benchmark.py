@@ -1,0 +1,212 @@
+"""`ca2vdm bench`: engine-level scenarios on one card, written as JSON with the card, commit and command.
+
+Scenarios (random weights; XL/2 with the SD-VAE architecture at 256^2 by default):
+- forward:   one denoising forward, 8-frame chunk, 25 cached frames, one session, on the paged pool;
+- table5:    80 frames with 100 IDDPM steps, one session through the engine, decode included (paper Table 5);
+- ar_steps:  time of each AR step for 30 steps, cached (write + denoising forwards) vs the recompute path;
+- sessions:  N concurrent sessions (default 1/4/16/64) with 25 DDIM steps through the engine: time to first
+             generated clip p50/p95, frames/s per session and in aggregate, fraction of the compute floor;
+             peak GPU memory per session.
+Every time is also given as a ratio to the compute floor: FLOPs / the card's measured bf16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from server.cache.block_manager import PageManager
+from server.cache.paged import PagedKVCache
+from server.cache.pool import KVPool
+from server.model.loader import Pipeline, load_pipeline
+
+from .engine import Engine
+from .scheduler import SchedulerConfig
+from .session import SessionParams
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed_ms(fn, iters: int = 10, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_tflops() -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = _timed_ms(lambda: a @ a, iters=10, warmup=3)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def _stream_with_cache(pipe: Pipeline, pool: KVPool, pages: PageManager, batch: int, frames: int):
+    cfg = pipe.config
+    c, (h, w) = cfg.model.in_channels, cfg.model.input_size[1:]
+    streams = [pages.new_stream(cfg.max_cache_frames) for _ in range(batch)]
+    cache = PagedKVCache(pool, pages, streams)
+    pipe.model.write(cache, torch.randn(batch, c, 1, h, w, device=pipe.device))
+    while streams[0].num_written < frames:
+        pipe.model.write(cache, torch.randn(batch, c, cfg.chunk_frames, h, w, device=pipe.device))
+    return cache
+
+
+def forward_scenario(pipe: Pipeline, tflops: float) -> dict:
+    cfg = pipe.config
+    pool = KVPool.for_sessions(cfg.model, 1, cfg.max_cache_frames, pipe.device, next(pipe.model.parameters()).dtype)
+    pages = PageManager(pool.num_pages, pool.num_prefix_pages, cfg.model.prefix_frames)
+    cache = _stream_with_cache(pipe, pool, pages, 1, cfg.max_cache_frames)
+    c, (h, w) = cfg.model.in_channels, cfg.model.input_size[1:]
+    x = torch.randn(1, c, cfg.chunk_frames, h, w, device=pipe.device)
+    t = torch.full((1,), 500, device=pipe.device)
+    with FlopCounterMode(display=False) as counter:
+        pipe.model.denoise(cache, x, t)
+    flops = counter.get_total_flops()
+    ms = _timed_ms(lambda: pipe.model.denoise(cache, x, t))
+    floor_ms = flops / (tflops * 1e12) * 1e3
+    return {"denoise_ms": ms, "tflop": flops / 1e12, "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms}
+
+
+def ar_steps_scenario(pipe: Pipeline, steps: int = 30) -> list[dict]:
+    cfg = pipe.config
+    dtype = next(pipe.model.parameters()).dtype
+    pool = KVPool.for_sessions(cfg.model, 1, cfg.max_cache_frames, pipe.device, dtype)
+    pages = PageManager(pool.num_pages, pool.num_prefix_pages, cfg.model.prefix_frames)
+    c, (h, w), n = cfg.model.in_channels, cfg.model.input_size[1:], cfg.chunk_frames
+    stream = pages.new_stream(cfg.max_cache_frames)
+    cache = PagedKVCache(pool, pages, [stream])
+    history = torch.randn(1, c, 1, h, w, device=pipe.device)
+    pipe.model.write(cache, history)
+    rows = []
+    for step in range(steps):
+        x = torch.randn(1, c, n, h, w, device=pipe.device)
+        t = torch.full((1,), 500, device=pipe.device)
+        window = history[:, :, -cfg.max_cache_frames :]
+        m = window.shape[2]
+        xr = torch.cat([window, x], dim=2)
+        tr = torch.cat([torch.zeros(1, m, device=pipe.device), t[:, None].float().expand(1, n)], dim=1)
+        cond = torch.cat([torch.ones(1, m, device=pipe.device), torch.zeros(1, n, device=pipe.device)], dim=1)
+        with torch.no_grad():
+            recompute = _timed_ms(lambda: pipe.model(xr, tr, cond, tpe_start=history.shape[2] - m), iters=3)  # noqa: B023
+        cached = _timed_ms(lambda: pipe.model.denoise(cache, x, t), iters=3)  # noqa: B023
+        clean = torch.randn(1, c, n, h, w, device=pipe.device)
+        start = time.perf_counter()
+        pipe.model.write(cache, clean)
+        _sync()
+        rows.append({"ar_step": step, "cached_frames": stream.num_cached, "denoise_ms": cached,
+                     "write_ms": (time.perf_counter() - start) * 1e3, "recompute_ms": recompute})  # fmt: skip
+        history = torch.cat([history, clean], dim=2)[:, :, -cfg.max_cache_frames - n :]
+    return rows
+
+
+async def _run_sessions(engine: Engine, params: list[SessionParams]) -> list[dict]:
+    async def one(p: SessionParams) -> dict:
+        start = time.perf_counter()
+        handle = await engine.start_session(p)
+        times = []
+        async for clip in handle:
+            times.append((time.perf_counter() - start, clip.first_frame, clip.num_frames))
+        return {"clips": times, "end": time.perf_counter() - start}
+
+    return await asyncio.gather(*(one(p) for p in params))
+
+
+def sessions_scenario(pipe: Pipeline, n: int, steps: int, chunks: int, max_batch: int, tflops: float,
+                      forward: dict) -> dict:  # fmt: skip
+    height, width = pipe.frame_size
+    image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8)
+    frames = 1 + chunks * pipe.config.chunk_frames
+    params = [SessionParams(image=image, seed=i, sampler="ddim", steps=steps, num_frames=frames) for i in range(n)]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    engine = Engine(pipe, SchedulerConfig(max_sessions=n, max_batch=min(max_batch, n), max_waiting=0)).start()
+    try:
+        start = time.perf_counter()
+        results = asyncio.run(_run_sessions(engine, params))
+        wall = time.perf_counter() - start
+    finally:
+        engine.stop()
+    peak = (torch.cuda.max_memory_allocated() - base) if torch.cuda.is_available() else 0
+    first = sorted(r["clips"][1][0] for r in results)  # clip 0 is the condition frame; clip 1 the first generated
+    per_session_fps = [(frames - 1) / r["end"] for r in results]
+    generated = n * (frames - 1)
+    ideal_s = generated / pipe.config.chunk_frames * steps * forward["floor_ms"] / 1e3  # batch-1 FLOPs per chunk step
+    return {
+        "sessions": n,
+        "max_batch": min(max_batch, n),
+        "frames_per_session": frames,
+        "time_to_first_generated_clip_p50_s": first[len(first) // 2],
+        "time_to_first_generated_clip_p95_s": first[min(len(first) - 1, int(0.95 * len(first)))],
+        "frames_per_s_per_session_median": statistics.median(per_session_fps),
+        "aggregate_frames_per_s": generated / wall,
+        "fraction_of_compute_floor": ideal_s / wall,
+        "wall_s": wall,
+        "peak_memory_gib": peak / 2**30,
+        "peak_memory_per_session_gib": peak / n / 2**30,
+    }
+
+
+def run_benchmarks(args) -> dict:
+    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device)
+    result: dict = {
+        "card": torch.cuda.get_device_name() if pipe.device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": args.commit or _git_commit(),
+        "command": "ca2vdm " + " ".join(sys.argv[1:]),
+        "model": args.model,
+    }
+    tflops = matmul_tflops()
+    result["bf16_matmul_tflops"] = tflops
+    scenarios = args.scenarios.split(",")
+    forward = forward_scenario(pipe, tflops)
+    result["forward"] = forward
+    if "ar_steps" in scenarios:
+        result["ar_steps"] = ar_steps_scenario(pipe)
+    if "table5" in scenarios:
+        result["table5"] = _table5(pipe)
+    if "sessions" in scenarios:
+        counts = [int(v) for v in args.sessions.split(",")]
+        result["sessions"] = [
+            sessions_scenario(pipe, n, args.steps, args.chunks, args.max_batch, tflops, forward) for n in counts
+        ]
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _table5(pipe: Pipeline) -> dict:
+    height, width = pipe.frame_size
+    image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8)
+    params = SessionParams(image=image, seed=0, sampler="iddpm", steps=100, num_frames=80)
+    engine = Engine(pipe, SchedulerConfig(max_sessions=1, max_batch=1)).start()
+    try:
+        start = time.perf_counter()
+        asyncio.run(_run_sessions(engine, [params]))
+        return {"frames": 80, "iddpm_steps": 100, "seconds": time.perf_counter() - start}
+    finally:
+        engine.stop()
+
+
+def _git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else "unknown"

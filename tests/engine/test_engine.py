@@ -1,0 +1,205 @@
+"""The engine on CPU with the tiny pixel model: equality with the offline loop, batch independence, fairness,
+admission, cancellation, backpressure, faults."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from server.engine.engine import Engine, ServerBusy, SessionFailed
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import SchedulerConfig
+from server.engine.session import Session, SessionParams, SessionState
+from server.model.diffusion import make_sampler
+from server.model.generate import generate_video
+from server.model.loader import load_pipeline
+
+
+def image(seed: int, size=(16, 16)) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : size[0], 0 : size[1]] / max(size)
+    img = np.stack([np.sin(5 * x + rng.uniform(0, 6)), np.cos(4 * y + rng.uniform(0, 6)), x * y], -1)
+    return torch.from_numpy(((img + 1) / 2 * 255).clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("random:tiny", device="cpu")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(handle):
+    return [clip async for clip in handle]
+
+
+async def with_engine(pipe, config, fn):
+    engine = Engine(pipe, config).start()
+    try:
+        return await fn(engine)
+    finally:
+        engine.stop()
+
+
+def test_runner_batch_equals_alone(pipe):
+    """Latents of each session after several steps are the same alone or batched (fp32, < 1e-5)."""
+    cfg = SchedulerConfig(max_sessions=4, max_batch=4)
+    params = [SessionParams(image=image(i), seed=i, sampler=s, steps=n, num_frames=40)
+              for i, (s, n) in enumerate([("ddim", 4), ("iddpm", 5), ("iddpm", 3)])]  # fmt: skip
+
+    def advance(sessions, runner, steps):
+        runner.prefill(sessions)
+        for _ in range(steps):
+            live = [s for s in sessions if s.k >= 0]
+            runner.denoise(live)
+            done = [s for s in live if s.k < 0]
+            if done:
+                runner.finish_chunks(done, [8] * len(done), [True] * len(done))
+
+    batched = [Session(p) for p in params]
+    advance(batched, ModelRunner(pipe, cfg), 9)
+    for p, b in zip(params, batched, strict=True):
+        alone = Session(p)
+        advance([alone], ModelRunner(pipe, cfg), 9)
+        assert alone.k == b.k and alone.pages.num_written == b.pages.num_written
+        assert ((alone.x - b.x).norm() / alone.x.norm()).item() < 1e-5
+
+
+def test_session_equals_offline_generation(pipe):
+    async def main(engine):
+        params = SessionParams(image=image(3), seed=11, sampler="iddpm", steps=5, num_frames=19)
+        clips = await collect(await engine.start_session(params))
+        return torch.cat([c.frames for c in clips]), clips
+
+    frames, clips = run(with_engine(pipe, SchedulerConfig(), main))
+    offline = generate_video(pipe, make_sampler("iddpm", 5), image=image(3), num_frames=19, seed=11)
+    assert [c.num_frames for c in clips] == [1, 8, 8, 2]
+    assert [c.first_frame for c in clips] == [0, 1, 9, 17]
+    assert torch.equal(frames, offline)
+
+
+def test_many_sessions_batched_fairly(pipe):
+    """8 sessions, batches of 3: all complete, each equals its solo run (frames within 1 level)."""
+
+    async def main(engine):
+        handles = [
+            await engine.start_session(
+                SessionParams(image=image(i) if i % 3 else None, seed=i, steps=3 + i % 3, num_frames=9 + i,
+                              sampler="ddim" if i % 2 else "iddpm")  # fmt: skip
+            )
+            for i in range(8)
+        ]
+        results = await asyncio.gather(*(collect(h) for h in handles))
+        return results, engine.stats, engine.runner.num_free_pages, engine.runner.pool.num_pages
+
+    results, stats, free, total = run(with_engine(pipe, SchedulerConfig(max_sessions=6, max_batch=3), main))
+    assert free == total
+    assert max(stats.batch_sizes) == 3 and stats.sessions_total["completed"] == 8
+    for i, clips in enumerate(results):
+        frames = torch.cat([c.frames for c in clips])
+        assert frames.shape[0] == 9 + i
+        solo = generate_video(pipe, make_sampler("ddim" if i % 2 else "iddpm", 3 + i % 3),
+                              image=image(i) if i % 3 else None, num_frames=9 + i, seed=i)  # fmt: skip
+        assert (frames.int() - solo.int()).abs().max() <= 1
+
+
+def test_admission_waits_then_refuses(pipe):
+    async def main(engine):
+        cfg = dict(seed=0, steps=2, num_frames=None)
+        a = await engine.start_session(SessionParams(**cfg))
+        b = await engine.start_session(SessionParams(**cfg))  # waits: one session at a time
+        with pytest.raises(ServerBusy):
+            await engine.start_session(SessionParams(**cfg))
+        it = a.__aiter__()
+        await it.__anext__()
+        assert b.state is SessionState.WAITING
+        a.cancel()
+        clip = await b.__aiter__().__anext__()  # b is admitted once a is gone
+        b.cancel()
+        return clip, engine.stats.sessions_total
+
+    clip, totals = run(with_engine(pipe, SchedulerConfig(max_sessions=1, max_batch=1, max_waiting=1), main))
+    assert clip.num_frames == 8 and totals["rejected"] == 1
+
+
+def test_cancel_frees_pages_at_once(pipe):
+    async def main(engine):
+        handles = [await engine.start_session(SessionParams(seed=i, steps=2)) for i in range(3)]
+        for h in handles:
+            await h.__aiter__().__anext__()
+        held = engine.runner.pool.num_pages - engine.runner.num_free_pages
+        for h in handles:
+            h.cancel()
+        for _ in range(100):
+            if engine.runner.num_free_pages == engine.runner.pool.num_pages:
+                break
+            await asyncio.sleep(0.01)
+        return held, engine.runner.num_free_pages, engine.runner.pool.num_pages, engine.stats.sessions_total
+
+    held, free, total, totals = run(with_engine(pipe, SchedulerConfig(max_sessions=4), main))
+    assert held > 0 and free == total and totals["cancelled"] == 3
+
+
+def test_slow_consumer_pauses_only_itself(pipe):
+    async def main(engine):
+        slow = await engine.start_session(SessionParams(seed=1, steps=2))  # never read for a while
+        fast = await engine.start_session(SessionParams(seed=2, steps=2, num_frames=80))
+        fast_clips = await collect(fast)
+        paused_state = slow.state
+        produced = engine.stats.frames_generated
+        slow_clips = []
+        async for clip in slow:  # draining resumes it
+            slow_clips.append(clip)
+            if len(slow_clips) == 6:
+                slow.cancel()
+        return fast_clips, paused_state, produced, slow_clips
+
+    fast_clips, paused_state, produced, slow_clips = run(with_engine(pipe, SchedulerConfig(), main))
+    assert sum(c.num_frames for c in fast_clips) == 80
+    assert paused_state is SessionState.PAUSED
+    assert produced == 80 + 3 * 8  # the slow session stopped after 3 undelivered clips (max_pending_clips 2)
+    assert len(slow_clips) >= 6
+
+
+def test_fault_fails_only_that_batch(pipe):
+    async def main(engine):
+        calls = {"n": 0}
+
+        def hook(stage, sessions):
+            if stage == "denoise" and any(s.params.seed == 66 for s in sessions):
+                calls["n"] += 1
+                raise RuntimeError("injected fault")
+
+        bad = await engine.start_session(SessionParams(seed=66, steps=2, num_frames=9))
+        await asyncio.sleep(0)
+        engine.fault_hook = hook
+        with pytest.raises(SessionFailed, match="injected fault"):
+            await collect(bad)
+        good = await engine.start_session(SessionParams(seed=1, steps=2, num_frames=9))
+        clips = await collect(good)
+        return calls["n"], clips, engine.alive, engine.stats.sessions_total, engine.runner.num_free_pages
+
+    n, clips, alive, totals, free = run(with_engine(pipe, SchedulerConfig(max_batch=1), main))
+    assert n == 1 and alive and sum(c.num_frames for c in clips) == 9
+    assert totals["failed"] == 1 and totals["completed"] == 1
+
+
+def test_fmp4_stream_decodes(pipe, tmp_path):
+    from server.media import read_video
+
+    async def main(engine):
+        handle = await engine.start_session(SessionParams(image=image(0), seed=0, steps=2, num_frames=17,
+                                                          format="fmp4"))  # fmt: skip
+        clips = await collect(handle)
+        return handle.info, clips
+
+    info, clips = run(with_engine(pipe, SchedulerConfig(), main))
+    assert info.mime.startswith("video/mp4") and info.init_segment
+    path = tmp_path / "stream.mp4"
+    path.write_bytes(info.init_segment + b"".join(c.media[0] for c in clips))
+    assert read_video(path).shape[0] == 17
