@@ -89,8 +89,13 @@ def test_many_sessions_batched_fairly(pipe):
     async def main(engine):
         handles = [
             await engine.start_session(
-                SessionParams(image=image(i) if i % 3 else None, seed=i, steps=3 + i % 3, num_frames=9 + i,
-                              sampler="ddim" if i % 2 else "iddpm")  # fmt: skip
+                SessionParams(
+                    image=image(i) if i % 3 else None,
+                    seed=i,
+                    steps=3 + i % 3,
+                    num_frames=9 + i,
+                    sampler="ddim" if i % 2 else "iddpm",
+                )  # fmt: skip
             )
             for i in range(8)
         ]
