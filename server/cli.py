@@ -87,7 +87,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_benchmarks(args)
     log.info("wrote %s", args.out)
-    print(f"forward: {result['forward']['denoise_ms']:.2f} ms (floor {result['forward']['floor_ms']:.2f} ms)")
+    fwd = result["forward"]
+    graph = f", CUDA graph {fwd['denoise_graph_ms']:.2f} ms" if "denoise_graph_ms" in fwd else ""
+    print(f"forward: {fwd['denoise_ms']:.2f} ms eager{graph} (floor {fwd['floor_ms']:.2f} ms)")
+    if "check" in result:
+        print("engine vs offline, mean |diff| (uint8):", result["check"]["mean_abs_diff_uint8_per_session"])
     for row in result.get("sessions", []):
         print(
             f"{row['sessions']:>3} sessions: first clip p50 {row['time_to_first_generated_clip_p50_s']:.2f} s, "
@@ -117,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="engine benchmark scenarios (JSON with card, commit, command)")
     _add_model_flags(bench)
     bench.set_defaults(model=_env("model", "random:XL/2"))
-    bench.add_argument("--scenarios", default=_env("scenarios", "forward,ar_steps,table5,sessions"))
+    bench.add_argument("--scenarios", default=_env("scenarios", "check,forward,ar_steps,table5,sessions"))
     bench.add_argument("--sessions", default=_env("sessions", "1,4,16,64"), help="comma-separated session counts")
     bench.add_argument("--steps", type=int, default=_env("steps", 25, int), help="DDIM steps per chunk")
     bench.add_argument("--chunks", type=int, default=_env("chunks", 2, int), help="chunks generated per session")

@@ -83,7 +83,17 @@ def forward_scenario(pipe: Pipeline, tflops: float) -> dict:
     flops = counter.get_total_flops()
     ms = _timed_ms(lambda: pipe.model.denoise(cache, x, t))
     floor_ms = flops / (tflops * 1e12) * 1e3
-    return {"denoise_ms": ms, "tflop": flops / 1e12, "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms}
+    row = {"denoise_ms": ms, "tflop": flops / 1e12, "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms}
+    if pipe.device.type == "cuda":  # the same forward replayed as a CUDA graph
+        from .graphs import GraphedDenoiser
+
+        graphed = GraphedDenoiser(pipe.model, pool, pages, cfg.max_cache_frames, tuple(x.shape[1:]), 1)
+        eager = pipe.model.denoise(cache, x, t)
+        replay = graphed(cache.streams, x, t)
+        row["graph_vs_eager_max_abs_diff"] = (replay.float() - eager.float()).abs().max().item()
+        row["denoise_graph_ms"] = _timed_ms(lambda: graphed(cache.streams, x, t))
+        row["graph_ratio_to_floor"] = row["denoise_graph_ms"] / floor_ms
+    return row
 
 
 def ar_steps_scenario(pipe: Pipeline, steps: int = 30) -> list[dict]:
@@ -167,6 +177,36 @@ def sessions_scenario(pipe: Pipeline, n: int, steps: int, chunks: int, max_batch
     }
 
 
+def check_scenario(pipe: Pipeline) -> dict:
+    """Batched engine sessions (paged pool, CUDA graphs) against the offline loop run alone (dense cache,
+    eager), same seeds: mean absolute difference of the uint8 frames."""
+    from server.model.diffusion import make_sampler
+    from server.model.generate import generate_video
+
+    height, width = pipe.frame_size
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=gen) for _ in range(4)]
+    params = [SessionParams(image=im, seed=i, sampler="ddim", steps=10, num_frames=17) for i, im in enumerate(images)]
+    engine = Engine(pipe, SchedulerConfig(max_sessions=4, max_batch=4)).start()
+    try:
+        results = asyncio.run(_collect_frames(engine, params))
+    finally:
+        engine.stop()
+    diffs = []
+    for p, frames in zip(params, results, strict=True):
+        solo = generate_video(pipe, make_sampler("ddim", 10), image=p.image, num_frames=17, seed=p.seed)
+        diffs.append((frames.float() - solo.float()).abs().mean().item())
+    return {"sessions": 4, "mean_abs_diff_uint8_per_session": diffs}
+
+
+async def _collect_frames(engine: Engine, params: list[SessionParams]) -> list[torch.Tensor]:
+    async def one(p: SessionParams) -> torch.Tensor:
+        handle = await engine.start_session(p)
+        return torch.cat([clip.frames async for clip in handle])
+
+    return await asyncio.gather(*(one(p) for p in params))
+
+
 def run_benchmarks(args) -> dict:
     pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device)
     result: dict = {
@@ -181,6 +221,8 @@ def run_benchmarks(args) -> dict:
     scenarios = args.scenarios.split(",")
     forward = forward_scenario(pipe, tflops)
     result["forward"] = forward
+    if "check" in scenarios:
+        result["check"] = check_scenario(pipe)
     if "ar_steps" in scenarios:
         result["ar_steps"] = ar_steps_scenario(pipe)
     if "table5" in scenarios:

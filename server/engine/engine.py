@@ -104,11 +104,17 @@ class SessionHandle:
 
 
 class Engine:
-    def __init__(self, pipe: Pipeline, config: SchedulerConfig | None = None, encode_workers: int = 2) -> None:
+    def __init__(
+        self,
+        pipe: Pipeline,
+        config: SchedulerConfig | None = None,
+        encode_workers: int = 2,
+        cuda_graphs: bool = True,
+    ) -> None:
         self.pipe = pipe
         self.config = config or SchedulerConfig()
         self.scheduler = Scheduler(self.config)
-        self.runner = ModelRunner(pipe, self.config)
+        self.runner = ModelRunner(pipe, self.config, cuda_graphs=cuda_graphs)
         self.stats = EngineStats()
         self.fault_hook: Callable[[str, list[Session]], None] | None = None  # tests inject failures here
         self._handles: dict[str, SessionHandle] = {}

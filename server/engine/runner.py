@@ -20,12 +20,13 @@ from server.model.diffusion import Sampler, make_sampler
 from server.model.generate import perturb_for_cache
 from server.model.loader import Pipeline
 
+from .graphs import GraphedDenoiser
 from .scheduler import SchedulerConfig
 from .session import Session
 
 
 class ModelRunner:
-    def __init__(self, pipe: Pipeline, config: SchedulerConfig) -> None:
+    def __init__(self, pipe: Pipeline, config: SchedulerConfig, cuda_graphs: bool = True) -> None:
         self.pipe = pipe
         self.model = pipe.model
         cfg = pipe.config
@@ -42,6 +43,11 @@ class ModelRunner:
         self.pool = KVPool(mc, num_pages, num_prefix, pipe.device, dtype)
         self.pages = PageManager(num_pages, num_prefix, mc.prefix_frames)
         self._samplers: dict[tuple[str, int], tuple[Sampler, list[int]]] = {}
+        self.graphs = None
+        if cuda_graphs and pipe.device.type == "cuda":
+            self.graphs = GraphedDenoiser(
+                self.model, self.pool, self.pages, cfg.max_cache_frames, self.latent_shape, config.max_batch
+            )
 
     def _sampler(self, name: str, steps: int) -> tuple[Sampler, list[int]]:
         if (name, steps) not in self._samplers:
@@ -94,7 +100,10 @@ class ModelRunner:
         x = torch.cat([s.x for s in sessions])  # type: ignore[misc]
         timesteps = [self._sampler(s.params.sampler, s.params.steps)[1][s.k] for s in sessions]
         t = torch.tensor(timesteps, device=dev)
-        out = self.model.denoise(self._cache(sessions), x, t)  # (B, 2C, T, h, w)
+        if self.graphs is not None:
+            out = self.graphs([s.pages for s in sessions], x, t)  # type: ignore[misc]
+        else:
+            out = self.model.denoise(self._cache(sessions), x, t)  # (B, 2C, T, h, w)
         groups: dict[int, list[int]] = {}
         for i, s in enumerate(sessions):
             groups.setdefault(id(s.sampler), []).append(i)
