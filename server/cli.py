@@ -93,6 +93,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if "check" in result:
         print("engine vs offline, mean |diff| (uint8):", result["check"]["mean_abs_diff_uint8_per_session"])
     for row in result.get("sessions", []):
+        if "error" in row:
+            print(f"{row['sessions']:>3} sessions: {row['error'][:200]}")
+            continue
         print(
             f"{row['sessions']:>3} sessions: first clip p50 {row['time_to_first_generated_clip_p50_s']:.2f} s, "
             f"{row['frames_per_s_per_session_median']:.1f} fps/session, {row['aggregate_frames_per_s']:.1f} fps, "
