@@ -119,11 +119,12 @@ def ar_steps_scenario(pipe: Pipeline, steps: int = 30) -> list[dict]:
         with torch.no_grad():
             recompute = _timed_ms(lambda: pipe.model(xr, tr, cond, tpe_start=history.shape[2] - m), iters=3)  # noqa: B023
         cached = _timed_ms(lambda: pipe.model.denoise(cache, x, t), iters=3)  # noqa: B023
+        cached_frames = stream.num_cached
         clean = torch.randn(1, c, n, h, w, device=pipe.device)
         start = time.perf_counter()
         pipe.model.write(cache, clean)
         _sync()
-        rows.append({"ar_step": step, "cached_frames": stream.num_cached, "denoise_ms": cached,
+        rows.append({"ar_step": step, "cached_frames": cached_frames, "denoise_ms": cached,
                      "write_ms": (time.perf_counter() - start) * 1e3, "recompute_ms": recompute})  # fmt: skip
         history = torch.cat([history, clean], dim=2)[:, :, -cfg.max_cache_frames - n :]
     return rows

@@ -128,7 +128,10 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
-    def start(self) -> Engine:
+    def start(self, warmup: bool = True) -> Engine:
+        """Start the engine thread; with `warmup`, first capture the CUDA graphs of every batch bucket."""
+        if warmup and self.runner.graphs is not None:
+            self.runner.graphs.capture_all()
         self._running = True
         self._thread.start()
         return self

@@ -75,6 +75,12 @@ class GraphedDenoiser:
             out = self.model.denoise(cache, x, t)
         self._graphs[rows] = (graph, cache, x, t, out)
 
+    def capture_all(self) -> None:
+        """Capture every bucket now (server warm-up), so no session pays for a capture."""
+        for rows in self.buckets:
+            if rows not in self._graphs:
+                self._capture(rows)
+
     def __call__(self, streams: list[StreamPages], x: Tensor, t: Tensor) -> Tensor:
         n = x.shape[0]
         rows = next(b for b in self.buckets if b >= n)
