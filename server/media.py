@@ -139,6 +139,26 @@ def encoded_size(height: int, width: int) -> tuple[int, int]:
     return height + height % 2, width + width % 2
 
 
+def tag_bt709(codec_context: av.codec.context.CodecContext) -> None:
+    """Tag BT.709 limited range in the H.264 VUI: untagged streams are read as BT.601 by some players and
+    BT.709 by others (browsers), which visibly shifts colours."""
+    cc = codec_context
+    cc.colorspace, cc.color_range = Colorspace.ITU709, ColorRange.MPEG
+    cc.color_primaries, cc.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
+
+
+def yuv420_frame(rgb: np.ndarray) -> av.VideoFrame:
+    """An (H, W, 3) uint8 RGB array as a BT.709 limited-range yuv420p frame (accurate conversion)."""
+    return av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+        format="yuv420p",
+        dst_colorspace=Colorspace.ITU709,
+        dst_color_range=ColorRange.MPEG,
+        dst_color_primaries=ColorPrimaries.BT709,
+        dst_color_trc=ColorTrc.BT709,
+        interpolation=_SWS_FLAGS,
+    )
+
+
 def write_mp4(path: str | os.PathLike[str], frames: Tensor, fps: int, crf: int = 18) -> None:
     """Write uint8 RGB frames (T, H, W, 3) as an H.264 (libx264, yuv420p) MP4, atomically.
 
@@ -178,20 +198,9 @@ def write_mp4(path: str | os.PathLike[str], frames: Tensor, fps: int, crf: int =
             stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
             stream.time_base = Fraction(1, int(fps))
             stream.options = {"crf": str(int(crf)), "preset": "medium"}
-            # Tag BT.709 limited range in the H.264 VUI: untagged streams are read as BT.601 by some players
-            # and BT.709 by others (browsers), which visibly shifts colours.
-            cc = stream.codec_context
-            cc.colorspace, cc.color_range = Colorspace.ITU709, ColorRange.MPEG
-            cc.color_primaries, cc.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
+            tag_bt709(stream.codec_context)
             for i in range(t):
-                frame = av.VideoFrame.from_ndarray(video[i], format="rgb24").reformat(
-                    format="yuv420p",
-                    dst_colorspace=Colorspace.ITU709,
-                    dst_color_range=ColorRange.MPEG,
-                    dst_color_primaries=ColorPrimaries.BT709,
-                    dst_color_trc=ColorTrc.BT709,
-                    interpolation=_SWS_FLAGS,
-                )
+                frame = yuv420_frame(video[i])
                 frame.pts = i
                 container.mux(stream.encode(frame))
             container.mux(stream.encode(None))  # flush: delayed (B-)frames

@@ -20,11 +20,10 @@ from fractions import Fraction
 import av
 import numpy as np
 import torch
-from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 from PIL import Image
 from torch import Tensor
 
-from server.media import _SWS_FLAGS, encoded_size
+from server.media import encoded_size, tag_bt709, yuv420_frame
 
 __all__ = ["Fmp4Encoder", "JpegEncoder", "make_encoder", "ENCODER_FORMATS"]
 
@@ -275,18 +274,9 @@ class Fmp4Encoder:
             stream.pix_fmt = "yuv420p"
             stream.time_base = Fraction(1, self.fps)
             stream.options = {**_X264_OPTIONS, "crf": str(self.crf)}
-            cc = stream.codec_context
-            cc.colorspace, cc.color_range = Colorspace.ITU709, ColorRange.MPEG
-            cc.color_primaries, cc.color_trc = ColorPrimaries.BT709, ColorTrc.BT709
+            tag_bt709(stream.codec_context)
             for i in range(video.shape[0]):
-                frame = av.VideoFrame.from_ndarray(video[i], format="rgb24").reformat(
-                    format="yuv420p",
-                    dst_colorspace=Colorspace.ITU709,
-                    dst_color_range=ColorRange.MPEG,
-                    dst_color_primaries=ColorPrimaries.BT709,
-                    dst_color_trc=ColorTrc.BT709,
-                    interpolation=_SWS_FLAGS,
-                )
+                frame = yuv420_frame(video[i])
                 frame.pts = i
                 for packet in stream.encode(frame):
                     packet.duration = 1  # every frame lasts 1/fps, the last one of the clip included

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,13 +15,11 @@ from server.engine.session import Session, SessionParams, SessionState
 from server.model.diffusion import make_sampler
 from server.model.generate import generate_video
 from server.model.loader import load_pipeline
+from tests.images import smooth_image
 
 
-def image(seed: int, size=(16, 16)) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0 : size[0], 0 : size[1]] / max(size)
-    img = np.stack([np.sin(5 * x + rng.uniform(0, 6)), np.cos(4 * y + rng.uniform(0, 6)), x * y], -1)
-    return torch.from_numpy(((img + 1) / 2 * 255).clip(0, 255).astype(np.uint8))
+def image(seed: int) -> torch.Tensor:
+    return smooth_image(16, 16, seed)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,13 +16,7 @@ from server.model.diffusion import make_sampler
 from server.model.generate import generate_clips, generate_video
 from server.model.loader import load_pipeline
 from server.model.stdit import CausalSTDiT
-
-
-def smooth_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
-    g = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(h, w)
-    img = np.stack([np.sin(6 * x + g.uniform(0, 6)), np.cos(5 * y + g.uniform(0, 6)), x * y], -1)
-    return torch.from_numpy(((img + 1) / 2 * 255).clip(0, 255).astype(np.uint8))
+from tests.images import smooth_image
 
 
 @pytest.fixture(scope="module")
