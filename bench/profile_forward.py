@@ -61,8 +61,8 @@ def main() -> None:
     cfg = get_preset("XL/2")
     mc = cfg.model
     model = CausalSTDiT(mc).randomize_(0, std_scale=0.3).to("cuda", torch.bfloat16).eval()
-    result: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "commit": args.commit or git_commit(), "command": "python3 " + " ".join(sys.argv), "rows": []}  # fmt: skip
+    result: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    result.update(commit=args.commit or git_commit(), command="python3 " + " ".join(sys.argv))
     for sessions in (1, 16):
         pool = KVPool.for_sessions(mc, sessions, cfg.max_cache_frames, "cuda", torch.bfloat16)
         pages = PageManager(pool.num_pages, pool.num_prefix_pages, mc.prefix_frames)
@@ -75,7 +75,7 @@ def main() -> None:
         t = torch.full((sessions,), 500, device="cuda")
         row: dict = {"sessions": sessions, "eager_ms": _timed_ms(lambda c=cache, x=x, t=t: model.denoise(c, x, t))}
         graphed = GraphedDenoiser(model, pool, pages, cfg.max_cache_frames, tuple(x.shape[1:]), sessions)
-        row["graph_ms"] = _timed_ms(lambda g=graphed, x=x, t=t: g(streams, x, t))
+        row["graph_ms"] = _timed_ms(lambda g=graphed, st=streams, x=x, t=t: g(st, x, t))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model.denoise(cache, x, t)
             torch.cuda.synchronize()
@@ -90,13 +90,12 @@ def main() -> None:
         try:
             start = time.perf_counter()
             compiled = torch.compile(model.denoise)
-            row["compile_ms"] = _timed_ms(lambda c=cache, x=x, t=t: compiled(c, x, t), warmup=3)
+            row["compile_ms"] = _timed_ms(lambda f=compiled, c=cache, x=x, t=t: f(c, x, t), warmup=3)
             row["compile_seconds"] = time.perf_counter() - start
         except Exception as exc:  # record why, keep the other numbers
             row["compile_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
         result["rows"].append(row)
         print(json.dumps(row, indent=1))
-        del pool, pages, streams, cache, graphed
         torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
