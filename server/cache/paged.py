@@ -84,9 +84,13 @@ class PagedKVCache(KVCache):
         return self.cache_lens.long()
 
     def attend_temporal(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        fn = paged_temporal_attention if self.backend == "triton" else paged_temporal_attention_reference
-        out = fn(q, k, v, self.pool.temporal[layer], self.page_table, self.cache_lens)  # (B, S, T, H, D)
-        return out.flatten(-2)
+        table = self.pool.temporal[layer]
+        if self.backend == "torch":
+            return paged_temporal_attention_reference(q, k, v, table, self.page_table, self.cache_lens).flatten(-2)
+        # written through a (B, S, T) view of a (B, T, S) buffer: the model's layout, so nothing is transposed
+        b, s, t, h, d = q.shape
+        out = torch.empty((b, t, s, h, d), device=q.device, dtype=q.dtype).transpose(1, 2)
+        return paged_temporal_attention(q, k, v, table, self.page_table, self.cache_lens, out=out).flatten(-2)
 
     def attend_prefix(self, layer: int, q: Tensor) -> Tensor:
         assert all(st.prefix for st in self.streams), "prefix K/V read before any frame was written"

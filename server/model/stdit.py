@@ -27,13 +27,11 @@ from .layers import (
     PatchEmbed3D,
     TimestepEmbedder,
     attention,
+    gated_add,
+    modulated_norm,
     spatial_pos_embed,
     temporal_pos_embed,
 )
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
 
 
 def prefix_frame_indices(num_frames: int, num_prefix: int) -> list[int]:
@@ -67,10 +65,8 @@ class CausalSTDiTBlock(nn.Module):
         super().__init__()
         dim, heads = cfg.hidden_size, cfg.num_heads
         self.index = index
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.attn = AttentionProj(dim, heads)
         self.cross_attn = CrossAttention(dim, heads) if cfg.caption_channels > 0 else None
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
         self.attn_temp = AttentionProj(dim, heads)
@@ -85,25 +81,27 @@ class CausalSTDiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None].unbind(3)  # (B,T,1,C)
 
         # 1. spatial self-attention within each frame
-        h = modulate(self.norm1(x), shift_msa, scale_msa)
-        x = x + gate_msa * self.attn.self_attention(h.flatten(0, 1)).view(b, t, s, c)
+        h = modulated_norm(x, shift_msa, scale_msa)
+        x = gated_add(x, gate_msa, self.attn.self_attention(h.flatten(0, 1)).view(b, t, s, c))
 
         # 2. prefix-enhanced spatial attention (reads the un-normalised residual stream)
         prefix_kv = None
         if self.attn_cf is not None:
             out, prefix_kv = self._prefix_attention(x, p)
-            x = x + gate_msa * self.attn_cf.proj(out)
+            x = gated_add(x, gate_msa, self.attn_cf.proj(out))
 
-        # 3. causal temporal attention per spatial position
-        h = x.transpose(1, 2)  # (B, S, T, C)
+        # 3. causal temporal attention per spatial position. Projections are per token, so they run in the
+        #    (B, T, S, C) layout; only the attention sees (B, S, T, ...) views, and no tensor is transposed.
+        h = x
         if self.index == 0:
-            h = h + p.tpe[:, None]
+            h = h + p.tpe[:, :, None]
             if self.attn_temp_pre_merge is not None:
-                mask = p.mask_channel.to(h.dtype)[:, None, :, None].expand(b, s, t, 1)
+                mask = p.mask_channel.to(h.dtype)[:, :, None, None].expand(b, t, s, 1)
                 h = self.attn_temp_pre_merge(torch.cat([h, mask], dim=-1))
-        q, k, v = self.attn_temp.split_qkv(h)  # (B, S, T, H, D)
+        q, k, v = (z.transpose(1, 2) for z in self.attn_temp.split_qkv(h))  # (B, S, T, H, D) views
         if p.mode == "full":
-            out = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), p.temporal_mask).view(b, s, t, c)
+            qf, kf, vf = (z.reshape(b * s, t, *z.shape[-2:]) for z in (q, k, v))
+            out = attention(qf, kf, vf, p.temporal_mask).view(b, s, t, c)
         else:
             assert p.cache is not None
             out = p.cache.attend_temporal(self.index, q, k, v)
@@ -112,7 +110,7 @@ class CausalSTDiTBlock(nn.Module):
                 p.cache.store(self.index, k, v, pk, pv)
                 if is_last:  # nothing after this point feeds the cache
                     return x
-        x = x + gate_msa * self.attn_temp.proj(out).transpose(1, 2)
+        x = gated_add(x, gate_msa, self.attn_temp.proj(out.transpose(1, 2)))
 
         # 4. cross-attention to captions
         if self.cross_attn is not None:
@@ -120,8 +118,8 @@ class CausalSTDiTBlock(nn.Module):
             x = x + self.cross_attn(x.flatten(1, 2), p.y, p.y_mask).view(b, t, s, c)
 
         # 5. MLP
-        h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * self.mlp(h)
+        h = modulated_norm(x, shift_mlp, scale_mlp)
+        return gated_add(x, gate_mlp, self.mlp(h))
 
     def _prefix_attention(self, x: Tensor, p: _Pass) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Returns the attention output (B, T, S, C) and, when writing, the prefix K/V to cache.
