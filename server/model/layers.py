@@ -7,8 +7,6 @@ implementation, so official state dicts load without renaming.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -180,38 +178,3 @@ class FinalLayer(nn.Module):
         shift, scale = (self.scale_shift_table[None, None] + t_emb[:, :, None]).unbind(2)  # (B, T, C) each
         x = self.norm_final(x) * (1 + scale[:, :, None]) + shift[:, :, None]
         return self.linear(x)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fused elementwise chains (torch.compile on CUDA; plain eager elsewhere)
-# ---------------------------------------------------------------------------------------------------------
-# Eagerly, each of these is 2-3 broadcasting passes over the (B, T, S, C) residual stream through PyTorch's
-# strided (non-vectorised) elementwise kernel; for 16 XL/2 sessions they took 40% of a forward on an H100.
-# Compiled, each is one pass. Compilation is lazy, per function, with a dynamic batch dimension.
-
-_COMPILE = os.environ.get("CA2VDM_COMPILE", "1") != "0"
-_compiled: dict[Callable, Callable] = {}
-
-
-def _fused(fn: Callable) -> Callable:
-    def run(*args: Tensor) -> Tensor:
-        if _COMPILE and args[0].is_cuda:
-            if fn not in _compiled:
-                _compiled[fn] = torch.compile(fn, dynamic=True)
-            return _compiled[fn](*args)
-        return fn(*args)
-
-    run.__doc__ = fn.__doc__
-    return run
-
-
-@_fused
-def modulated_norm(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: LayerNorm(x) (no affine, eps 1e-6) * (1 + scale) + shift; shift/scale broadcast over tokens."""
-    return F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift
-
-
-@_fused
-def gated_add(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
-    """Gated residual: x + gate * y (gate broadcast over tokens)."""
-    return x + gate * y

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kernels.adaln import gated_add, modulated_norm
+
 from .cache import KVCache
 from .config import ModelConfig
 from .layers import (
@@ -27,8 +29,6 @@ from .layers import (
     PatchEmbed3D,
     TimestepEmbedder,
     attention,
-    gated_add,
-    modulated_norm,
     spatial_pos_embed,
     temporal_pos_embed,
 )
