@@ -32,6 +32,8 @@ from server.model.stdit import CausalSTDiT  # noqa: E402
 
 KINDS = [
     ("triton temporal attention", "_paged_temporal"),
+    ("triton fused adaLN", "_modulated_norm"),
+    ("triton fused adaLN", "_gated_add"),
     ("attention (SDPA: spatial, prefix)", "attention"),
     ("attention (SDPA: spatial, prefix)", "fmha"),
     ("attention (SDPA: spatial, prefix)", "flash"),
