@@ -107,6 +107,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+    from .api.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=settings.max_message_bytes,
+        log_level="info",
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ca2vdm", description="Ca2-VDM streaming video generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=_env("seed", 0, int))
     gen.add_argument("--out", default=_env("out", None), required=_env("out", None) is None, help="output MP4")
     gen.set_defaults(func=_cmd_generate)
+
+    serve = sub.add_parser("serve", help="serve the web API (settings also from CA2VDM_* variables)")
+    _add_model_flags(serve)
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--data-dir", default=None)
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--max-sessions", type=int, default=None)
+    serve.add_argument("--max-batch", type=int, default=None)
+    serve.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser("bench", help="engine benchmark scenarios (JSON with card, commit, command)")
     _add_model_flags(bench)

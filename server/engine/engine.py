@@ -40,19 +40,39 @@ class SessionFailed(RuntimeError):
         self.code = code
 
 
+class Histogram:
+    """Cumulative bucket counts (Prometheus semantics) in bounded memory."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # last: +Inf
+        self.sum = 0.0
+        self.count = 0
+        self.max = float("-inf")
+
+    def observe(self, value: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))] += 1
+        self.sum += value
+        self.count += 1
+        self.max = max(self.max, value)
+
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
 @dataclass
 class EngineStats:
-    """Counters and recent samples for metrics; written by the engine thread, read by anyone."""
+    """Counters and histograms for metrics; written by the engine thread, read by anyone."""
 
     sessions_total: dict[str, int] = field(
         default_factory=lambda: {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
     )
     frames_generated: int = 0
     steps: int = 0
-    batch_sizes: list[int] = field(default_factory=list)  # one per denoising forward (drained by metrics)
-    step_seconds: list[float] = field(default_factory=list)
-    first_clip_seconds: list[float] = field(default_factory=list)
-    clip_interval_seconds: list[float] = field(default_factory=list)
+    batch_size: Histogram = field(default_factory=lambda: Histogram((1, 2, 4, 8, 16, 32, 64)))
+    denoise_step_seconds: Histogram = field(default_factory=lambda: Histogram(_SECONDS))
+    time_to_first_clip_seconds: Histogram = field(default_factory=lambda: Histogram(_SECONDS))
+    clip_interval_seconds: Histogram = field(default_factory=lambda: Histogram(_SECONDS))
 
 
 @dataclass(frozen=True)
@@ -259,15 +279,15 @@ class Engine:
                 gen_ms = (now - s.clip_started_at) * 1e3
                 s.clip_started_at = now
                 self._emit(s, frames, gen_ms)
-        self.stats.batch_sizes.append(len(sessions))
-        self.stats.step_seconds.append(time.perf_counter() - start)
+        self.stats.batch_size.observe(len(sessions))
+        self.stats.denoise_step_seconds.observe(time.perf_counter() - start)
 
     def _emit(self, s: Session, frames, gen_ms: float) -> None:
         clip = Clip(index=s.clips_done, first_frame=s.frames_done, frames=frames, gen_ms=gen_ms)
         if s.clips_done == 0:
-            self.stats.first_clip_seconds.append(time.monotonic() - s.created_at)
+            self.stats.time_to_first_clip_seconds.observe(time.monotonic() - s.created_at)
         else:
-            self.stats.clip_interval_seconds.append(gen_ms / 1e3)
+            self.stats.clip_interval_seconds.observe(gen_ms / 1e3)
         s.clips_done += 1
         s.frames_done += clip.num_frames
         self.stats.frames_generated += clip.num_frames

@@ -101,7 +101,7 @@ def test_many_sessions_batched_fairly(pipe):
 
     results, stats, free, total = run(with_engine(pipe, SchedulerConfig(max_sessions=6, max_batch=3), main))
     assert free == total
-    assert max(stats.batch_sizes) == 3 and stats.sessions_total["completed"] == 8
+    assert stats.batch_size.max == 3 and stats.sessions_total["completed"] == 8
     for i, clips in enumerate(results):
         frames = torch.cat([c.frames for c in clips])
         assert frames.shape[0] == 9 + i

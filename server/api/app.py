@@ -1,0 +1,84 @@
+"""The FastAPI application: streaming, health, model info, metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.engine.engine import Engine
+from server.engine.scheduler import SchedulerConfig
+from server.model.loader import Pipeline, load_pipeline
+
+from . import stream
+from .auth import key_is_valid
+from .metrics import metrics_text
+from .settings import Settings
+
+log = logging.getLogger("ca2vdm.api")
+
+
+def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
+    """`pipeline` is loaded from `settings` when not given (tests pass a small one)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pipe = pipeline or load_pipeline(settings.model, preset=settings.preset, vae=settings.vae,
+                                         device=settings.device)  # fmt: skip
+        config = SchedulerConfig(max_sessions=settings.max_sessions, max_batch=settings.max_batch,
+                                 max_waiting=settings.max_waiting)  # fmt: skip
+        engine = Engine(pipe, config).start()  # warm-up included: /readyz turns 200 after this
+        app.state.engine = engine
+        log.info("model %s ready on %s: %dx%d at %d fps", pipe.name, pipe.device, *pipe.frame_size[::-1],
+                 pipe.config.fps)  # fmt: skip
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    def require_key(request: Request) -> None:
+        if not key_is_valid(settings, request.headers.get("authorization"), request.query_params.get("api_key")):
+            raise HTTPException(status_code=401, detail="missing or wrong API key")
+
+    app = FastAPI(title="ca2vdm", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.include_router(stream.router)
+
+    @app.get("/healthz")
+    def healthz(request: Request) -> JSONResponse:
+        engine = getattr(request.app.state, "engine", None)
+        ok = engine is None or engine.alive
+        return JSONResponse({"status": "ok" if ok else "engine down"}, status_code=200 if ok else 503)
+
+    @app.get("/readyz")
+    def readyz(request: Request) -> JSONResponse:
+        engine = getattr(request.app.state, "engine", None)
+        ready = engine is not None and engine.alive
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    def models(request: Request) -> dict:
+        pipe = request.app.state.engine.pipe
+        height, width = pipe.frame_size
+        return {
+            "name": pipe.name,
+            "width": width,
+            "height": height,
+            "fps": pipe.config.fps,
+            "chunk_frames": pipe.config.chunk_frames,
+            "max_cache_frames": pipe.config.max_cache_frames,
+            "samplers": ["ddim", "iddpm"],
+            "default_sampler": pipe.config.default_sampler,
+            "default_steps": pipe.config.default_steps,
+            "max_steps": settings.max_steps,
+            "max_frames": settings.max_frames,
+        }
+
+    @app.get("/metrics", dependencies=[Depends(require_key)])
+    def metrics(request: Request) -> Response:
+        return Response(metrics_text(request.app.state.engine), media_type="text/plain; version=0.0.4")
+
+    return app

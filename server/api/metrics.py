@@ -1,0 +1,45 @@
+"""Prometheus metrics (DESIGN.md names), read from the engine at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from server.engine.engine import Engine, Histogram
+
+
+def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
+    cumulative, buckets = 0, []
+    for bound, count in zip([*h.buckets, float("inf")], h.counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=h.sum)
+
+
+class EngineCollector:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        e, stats = self.engine, self.engine.stats
+        yield GaugeMetricFamily("ca2vdm_sessions_active", "Sessions holding cache pages", value=e.num_active)
+        yield GaugeMetricFamily("ca2vdm_sessions_waiting", "Sessions waiting for admission", value=e.num_waiting)
+        total = CounterMetricFamily("ca2vdm_sessions", "Finished sessions by outcome", labels=["outcome"])
+        for outcome, n in stats.sessions_total.items():
+            total.add_metric([outcome], n)
+        yield total
+        yield GaugeMetricFamily("ca2vdm_cache_pages_total", "Pages in the K/V pool", value=e.runner.pool.num_pages)
+        yield GaugeMetricFamily("ca2vdm_cache_pages_free", "Free pages in the K/V pool", value=e.runner.num_free_pages)
+        yield CounterMetricFamily("ca2vdm_frames_generated", "Frames handed to clients", value=stats.frames_generated)
+        yield _histogram("ca2vdm_time_to_first_clip_seconds", "Submit to first clip", stats.time_to_first_clip_seconds)
+        yield _histogram("ca2vdm_clip_interval_seconds", "Time between clips of a session", stats.clip_interval_seconds)
+        yield _histogram("ca2vdm_batch_size", "Sessions per denoising forward", stats.batch_size)
+        yield _histogram("ca2vdm_denoise_step_seconds", "One batched denoising step", stats.denoise_step_seconds)
+
+
+def metrics_text(engine: Engine) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(engine))  # type: ignore[arg-type]
+    return generate_latest(registry)

@@ -1,0 +1,50 @@
+"""A real uvicorn server on loopback with the tiny pixel model, per test module or per settings."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import uvicorn
+
+from server.api.app import create_app
+from server.api.settings import Settings
+from server.model.loader import load_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    return load_pipeline("random:tiny", device="cpu")
+
+
+@contextmanager
+def running_server(pipe, **overrides) -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(port=port, **overrides)
+    config = uvicorn.Config(create_app(settings, pipeline=pipe), host="127.0.0.1", port=port,
+                            ws_max_size=settings.max_message_bytes, log_level="warning")  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pipe) -> Iterator[str]:
+    with running_server(tiny_pipe, max_sessions=4, max_batch=4, start_timeout_s=1.0) as address:
+        yield address
