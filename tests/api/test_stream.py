@@ -28,7 +28,10 @@ def run_stream(address, start, stop_after_clips=None, headers=None):
     """Messages of one stream: list of ("json", dict) / ("bytes", bytes), and the close code."""
     out = []
     with connect(f"ws://{address}/v1/stream", additional_headers=headers, max_size=2**25) as ws:
-        ws.send(json.dumps(start) if isinstance(start, dict) else start)
+        try:
+            ws.send(json.dumps(start) if isinstance(start, dict) else start)
+        except ConnectionClosed:  # refused before it could send (e.g. unauthorized): read what came
+            pass
         clips = 0
         try:
             while True:
