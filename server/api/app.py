@@ -7,14 +7,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.engine import Engine
 from server.engine.scheduler import SchedulerConfig
 from server.model.loader import Pipeline, load_pipeline
 
-from . import stream
+from . import stream, videos
 from .auth import key_is_valid
+from .jobs import JobRunner, JobStore
 from .metrics import metrics_text
 from .settings import Settings
 
@@ -32,11 +35,15 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
                                  max_waiting=settings.max_waiting)  # fmt: skip
         engine = Engine(pipe, config).start()  # warm-up included: /readyz turns 200 after this
         app.state.engine = engine
+        app.state.jobs = JobStore(settings.data_dir)
+        app.state.job_runner = JobRunner(app.state.jobs, engine)
         log.info("model %s ready on %s: %dx%d at %d fps", pipe.name, pipe.device, *pipe.frame_size[::-1],
                  pipe.config.fps)  # fmt: skip
         try:
             yield
         finally:
+            await app.state.job_runner.shutdown()
+            app.state.jobs.close()
             engine.stop()
 
     def require_key(request: Request) -> None:
@@ -46,6 +53,19 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     app = FastAPI(title="ca2vdm", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.include_router(stream.router)
+    app.include_router(videos.router, dependencies=[Depends(require_key)])
+
+    codes = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 409: "conflict", 503: "unavailable"}
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = codes.get(exc.status_code, "error")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": {"code": "invalid_request", "message": message}}, status_code=422)
 
     @app.get("/healthz")
     def healthz(request: Request) -> JSONResponse:

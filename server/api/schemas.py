@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Literal
+import secrets
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from server.engine.session import SessionParams
+from server.media import load_image
+from server.model.diffusion import DEFAULT_STEPS
+
+if TYPE_CHECKING:
+    from server.engine.engine import Engine
+
+    from .settings import Settings
 
 
 class StartMessage(BaseModel):
@@ -33,3 +43,44 @@ def decode_base64(data: str, max_bytes: int) -> bytes:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"image is not valid base64: {exc}") from exc
+
+
+class VideoRequest(BaseModel):
+    """POST /v1/videos body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = None
+    num_frames: int = Field(ge=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    sampler: Literal["ddim", "iddpm"] | None = None
+    steps: int | None = Field(None, ge=1)
+
+
+def build_params(
+    image_b64: str | None,
+    seed: int | None,
+    sampler: str | None,
+    steps: int | None,
+    num_frames: int | None,
+    fmt: str,
+    engine: Engine,
+    settings: Settings,
+) -> SessionParams:
+    """Engine parameters with server defaults and limits; ValueError with a reason for bad input."""
+    pipe = engine.pipe
+    image = None
+    if image_b64 is not None:
+        raw = decode_base64(image_b64, settings.max_image_bytes)
+        if len(raw) > settings.max_image_bytes:
+            raise ValueError(f"image is larger than {settings.max_image_bytes} bytes")
+        image = load_image(raw, size=pipe.frame_size, max_pixels=settings.max_image_pixels)
+    sampler = sampler or pipe.config.default_sampler
+    if steps is None:
+        steps = pipe.config.default_steps if sampler == pipe.config.default_sampler else DEFAULT_STEPS[sampler]
+    if steps > settings.max_steps:
+        raise ValueError(f"steps must be <= {settings.max_steps}")
+    if num_frames is not None and num_frames > settings.max_frames:
+        raise ValueError(f"num_frames must be <= {settings.max_frames}")
+    seed = seed if seed is not None else secrets.randbelow(2**31)
+    return SessionParams(image=image, seed=seed, sampler=sampler, steps=steps, num_frames=num_frames, format=fmt)

@@ -11,18 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from server.engine.engine import Engine, ServerBusy, SessionFailed, SessionHandle
 from server.engine.session import SessionParams
-from server.media import load_image
-from server.model.diffusion import DEFAULT_STEPS
 
 from .auth import key_is_valid
-from .schemas import StartMessage, decode_base64
+from .schemas import StartMessage, build_params
 from .settings import Settings
 
 log = logging.getLogger("ca2vdm.api")
@@ -37,37 +34,19 @@ class _Reject(Exception):
         self.code = code
 
 
+def session_params(msg: StartMessage, engine: Engine, settings: Settings) -> SessionParams:
+    try:
+        return build_params(msg.image, msg.seed, msg.sampler, msg.steps, msg.num_frames, msg.format, engine, settings)
+    except ValueError as exc:
+        raise _Reject("invalid_request", str(exc)) from exc
+
+
 async def _fail(ws: WebSocket, code: str, message: str) -> None:
     try:
         await ws.send_json({"type": "error", "code": code, "message": message})
         await ws.close(_CLOSE[code])
     except (WebSocketDisconnect, RuntimeError):  # the client is already gone
         pass
-
-
-def session_params(msg: StartMessage, engine: Engine, settings: Settings) -> SessionParams:
-    """Validated engine parameters from a start message, with server defaults; _Reject on bad input."""
-    pipe = engine.pipe
-    image = None
-    if msg.image is not None:
-        try:
-            raw = decode_base64(msg.image, settings.max_image_bytes)
-            if len(raw) > settings.max_image_bytes:
-                raise ValueError(f"image is larger than {settings.max_image_bytes} bytes")
-            image = load_image(raw, size=pipe.frame_size, max_pixels=settings.max_image_pixels)
-        except ValueError as exc:
-            raise _Reject("invalid_request", str(exc)) from exc
-    sampler = msg.sampler or pipe.config.default_sampler
-    steps = msg.steps or (
-        pipe.config.default_steps if sampler == pipe.config.default_sampler else DEFAULT_STEPS[sampler]
-    )
-    if steps > settings.max_steps:
-        raise _Reject("invalid_request", f"steps must be <= {settings.max_steps}")
-    if msg.num_frames is not None and msg.num_frames > settings.max_frames:
-        raise _Reject("invalid_request", f"num_frames must be <= {settings.max_frames}")
-    seed = msg.seed if msg.seed is not None else secrets.randbelow(2**31)
-    return SessionParams(image=image, seed=seed, sampler=sampler, steps=steps, num_frames=msg.num_frames,
-                         format=msg.format)  # fmt: skip
 
 
 async def _read_start(ws: WebSocket, settings: Settings) -> StartMessage:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ def running_server(pipe, **overrides) -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    overrides.setdefault("data_dir", tempfile.mkdtemp(prefix="ca2vdm-test-"))
     settings = Settings(port=port, **overrides)
     config = uvicorn.Config(create_app(settings, pipeline=pipe), host="127.0.0.1", port=port,
                             ws_max_size=settings.max_message_bytes, log_level="warning")  # fmt: skip
