@@ -1,6 +1,6 @@
 # Two entry points that set themselves up on a fresh machine with only Python 3.10+:
 #   make test    create .venv, install ca2vdm with its test extra, run the test suite
-#   make serve   (arrives with the server front end)
+#   make serve   create .venv if needed, serve on http://127.0.0.1:8000 (MODEL=... picks the model)
 # torch: a CUDA build where `nvidia-smi` works, otherwise torch==$(TORCH_VERSION); set TORCH_INDEX_URL to a
 # CPU-only wheel index to force a CPU build on machines whose default index serves CUDA wheels.
 
@@ -11,10 +11,20 @@ TORCH_INDEX_URL ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ca2vdm-installed
 
-.PHONY: test lint clean
+# Until the packaged default model lands (its own issue), `make serve` runs random weights: the pipeline is real,
+# the video is noise. Pass MODEL=DIR, MODEL=ckpt.pt PRESET=XL/2, or MODEL= (empty) for the packaged model.
+MODEL ?= random:tiny
+PRESET ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: test lint serve clean
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+serve: $(STAMP)
+	$(VENV)/bin/ca2vdm serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL)) $(if $(PRESET),--preset $(PRESET))
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.engine import Engine
@@ -22,6 +24,7 @@ from .metrics import metrics_text
 from .settings import Settings
 
 log = logging.getLogger("ca2vdm.api")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
@@ -53,6 +56,12 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     app = FastAPI(title="ca2vdm", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.include_router(stream.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def player() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
     app.include_router(videos.router, dependencies=[Depends(require_key)])
 
     codes = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 409: "conflict", 503: "unavailable"}

@@ -14,12 +14,6 @@ import uvicorn
 
 from server.api.app import create_app
 from server.api.settings import Settings
-from server.model.loader import load_pipeline
-
-
-@pytest.fixture(scope="session")
-def tiny_pipe():
-    return load_pipeline("random:tiny", device="cpu")
 
 
 @contextmanager

@@ -158,3 +158,16 @@ def test_health_models_metrics(server):
              "ca2vdm_frames_generated_total", "ca2vdm_batch_size", "ca2vdm_denoise_step_seconds"]  # fmt: skip
     for name in names:
         assert name in text, name
+
+
+def test_eight_concurrent_streams_complete(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        return run_stream(server, {"type": "start", "seed": i, "steps": 2, "num_frames": 12 + i, "format": "jpeg"})
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    for i, (msgs, code) in enumerate(results):
+        assert code == 1000 and msgs[-1][1] == {"type": "done", "frames": 12 + i}
+        assert sum(1 for kind, _ in msgs if kind == "bytes") == 12 + i
