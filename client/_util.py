@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import secrets
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 _HTTP = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
@@ -46,3 +48,13 @@ def encode_image(image: bytes | str | Path) -> str:
     """Base64 of PNG/JPEG bytes, or of the file at a path."""
     data = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else Path(image).read_bytes()
     return base64.b64encode(data).decode("ascii")
+
+
+def open_part(path: Path) -> tuple[Path, IO[bytes]]:
+    """A new hidden temp file beside `path` (normal permissions), to be renamed onto `path` when complete."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+        try:
+            return tmp, open(tmp, "xb")
+        except FileExistsError:
+            continue

@@ -12,16 +12,15 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tqdm import tqdm
 
-from ._util import http_base
+from ._util import http_base, open_part
 from .errors import ClientError
 from .jobs import JobsClient
 from .stream import Clip, Done, Ready, StreamClient
@@ -136,9 +135,7 @@ class _PartFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        self.tmp = Path(tmp)
-        self._file: IO[bytes] = os.fdopen(fd, "wb")
+        self.tmp, self._file = open_part(path)
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
@@ -190,9 +187,9 @@ async def _stream(args: argparse.Namespace) -> int:
         else:
             main_task.cancel()
 
-    uninstall = _install_sigint(on_sigint)
     out = args.out / "stream.mp4" if args.out.is_dir() else args.out
     part = _PartFile(out)
+    uninstall = _install_sigint(on_sigint)
     bar: tqdm | None = None
     ready: Ready | None = None
     received = 0
@@ -232,6 +229,8 @@ async def _stream(args: argparse.Namespace) -> int:
             size = f" {ready.width}x{ready.height} @ {ready.fps:g} fps" if ready is not None else ""
             state = "wrote" if done is not None else "stream ended early; kept"
             print(f"{state} {received} frames{size} to {out}", file=sys.stderr)
+        elif aborted or done is not None:
+            print(f"no frames received; {out} not written", file=sys.stderr)
     return 130 if aborted else 0
 
 

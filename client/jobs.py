@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from ._util import auth_headers, encode_image, http_base
+from ._util import auth_headers, encode_image, http_base, open_part
 from .errors import ApiError, JobFailed, JobTimeout, TransportError
 
 __all__ = ["JobsClient"]
@@ -103,9 +102,9 @@ class JobsClient:
         path = Path(path)
         if path.is_dir():
             path = path / f"{job_id}.mp4"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        tmp, file = open_part(path)
         try:
-            with os.fdopen(fd, "wb") as out:
+            with file as out:
                 try:
                     with self._http.stream("GET", f"/v1/videos/{job_id}/content") as response:
                         if response.status_code >= 400:
@@ -117,7 +116,7 @@ class JobsClient:
                     raise TransportError(f"cannot reach {self.url}: {exc}") from exc
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return path
 
