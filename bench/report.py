@@ -1,0 +1,87 @@
+"""The README's benchmark table, generated from bench/results/*.json (run: python bench/report.py [--write])."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- bench-table:begin -->", "<!-- bench-table:end -->"
+
+
+def _load(name: str) -> dict:
+    return json.loads((ROOT / "bench" / "results" / name).read_text())
+
+
+def table() -> str:
+    eng = _load("engine_h100.json")
+    paged = _load("paged_cache_h100.json")
+    model = _load("model_step_h100.json")
+    rows = [("figure", "measured", "card", "source")]
+    fwd = eng["forward"]
+    rows.append(
+        (
+            "denoising forward, 1 session, 25 cached frames (CUDA graph)",
+            f"{fwd['denoise_graph_ms']:.2f} ms (floor {fwd['floor_ms']:.2f} ms)",
+            eng["card"],
+            "engine_h100.json",
+        )
+    )
+    rows.append(
+        ("80 frames × 100 IDDPM steps, 1 session", f"{eng['table5']['seconds']:.1f} s", eng["card"], "engine_h100.json")
+    )
+    for row in eng["sessions"]:
+        rows.append(
+            (
+                f"{row['sessions']} sessions, 25 DDIM steps: aggregate frames/s (first clip p50)",
+                f"{row['aggregate_frames_per_s']:.1f} ({row['time_to_first_generated_clip_p50_s']:.2f} s)",
+                eng["card"],
+                "engine_h100.json",
+            )
+        )
+    for row in paged["temporal_attention"]:
+        rows.append(
+            (
+                f"paged temporal attention, {row['sessions']} sessions (vs contiguous SDPA)",
+                f"{row['paged_triton_ms']:.3f} ms ({row['ours_over_contiguous_sdpa']:.2f}×, "
+                f"{100 * row['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth)",
+                paged["card"],
+                "paged_cache_h100.json",
+            )
+        )
+    cap = paged["capacity"]
+    rows.append(
+        (
+            "25-frame XL/2 sessions that fit next to the model",
+            f"{cap['sessions_25_frames']}",
+            paged["card"],
+            "paged_cache_h100.json",
+        )
+    )
+    rows.append(
+        (
+            "recompute forward, 25 + 8 frames (the no-cache baseline)",
+            f"{model['ar_steps'][-1]['recompute_ms']:.1f} ms",
+            model["card"],
+            "model_step_h100.json",
+        )
+    )
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
+    return "\n".join(lines)
+
+
+def render(readme: str) -> str:
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{table()}\n{END}{tail}"
+
+
+if __name__ == "__main__":
+    path = ROOT / "README.md"
+    text = render(path.read_text())
+    if "--write" in sys.argv:
+        path.write_text(text)
+    else:
+        print(table())
