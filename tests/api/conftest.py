@@ -15,6 +15,8 @@ import uvicorn
 from server.api.app import create_app
 from server.api.settings import Settings
 
+APPS: dict = {}  # address -> FastAPI app of the servers running in this process (tests reach the engine)
+
 
 @contextmanager
 def running_server(pipe, **overrides) -> Iterator[str]:
@@ -23,7 +25,8 @@ def running_server(pipe, **overrides) -> Iterator[str]:
         port = sock.getsockname()[1]
     overrides.setdefault("data_dir", tempfile.mkdtemp(prefix="ca2vdm-test-"))
     settings = Settings(port=port, **overrides)
-    config = uvicorn.Config(create_app(settings, pipeline=pipe), host="127.0.0.1", port=port,
+    app = create_app(settings, pipeline=pipe)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port,
                             ws_max_size=settings.max_message_bytes, log_level="warning")  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -33,9 +36,12 @@ def running_server(pipe, **overrides) -> Iterator[str]:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("server did not start")
         time.sleep(0.02)
+    address = f"127.0.0.1:{port}"
+    APPS[address] = app
     try:
-        yield f"127.0.0.1:{port}"
+        yield address
     finally:
+        APPS.pop(address, None)
         server.should_exit = True
         thread.join(timeout=30)
 
