@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    """The tiny pixel-space model with random weights (CPU), shared by server-level tests."""
+    """The tiny pixel-space model with random weights in fp32, shared by server-level tests; on the CPU, or on the
+    device named by CA2VDM_TEST_DEVICE (the GPU variants of the server and reliability suites)."""
     from server.model.loader import load_pipeline
 
-    return load_pipeline("random:tiny", device="cpu")
+    return load_pipeline("random:tiny", device=os.environ.get("CA2VDM_TEST_DEVICE", "cpu"), dtype=torch.float32)
