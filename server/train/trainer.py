@@ -1,0 +1,196 @@
+"""`ca2vdm train`: the paper's recipe on clips of P + l frames.
+
+Each step picks a prefix length P from {1, 1 + l, ..., P_max} (l = chunk length), cuts P + l frames from
+each clip, keeps the prefix clean (timestep 0, mask channel 1; optionally perturbed to t_p, as at inference),
+noises the l target frames at one random timestep per sample, and trains epsilon (L_simple) and the
+learned variance (L_vlb) on the targets only. When P + l reaches max_tpe_len the temporal position index
+starts at a random offset, so the model has seen the cyclic wrap it meets in long generations.
+AdamW, bf16 autocast on CUDA, gradient clipping, EMA weights; checkpoints hold everything needed to resume,
+and the EMA weights are also written as a servable model directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from server.model.checkpoint import save_model_dir
+from server.model.config import PipelineConfig
+from server.model.stdit import CausalSTDiT
+
+from .losses import TrainingDiffusion
+
+log = logging.getLogger("ca2vdm.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    prefix_perturb_t: int = 100  # training-time perturbation of the clean prefix (reference: 100 of 1000)
+    log_every: int = 50
+    ckpt_every: int = 500
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.log_every, self.ckpt_every) < 1 or self.lr <= 0:
+            raise ValueError("steps, batch_size, log_every, ckpt_every must be >= 1 and lr > 0")
+        if not 0 <= self.ema_decay < 1 or not 0 <= self.prefix_perturb_t < 1000:
+            raise ValueError("ema_decay in [0, 1), prefix_perturb_t in [0, 1000)")
+
+
+def prefix_lengths(pipe: PipelineConfig) -> list[int]:
+    """{1, 1 + l, ..., P_max}, keeping P + l within the temporal position table."""
+    l, p_max, tpe = pipe.chunk_frames, pipe.max_cache_frames, pipe.model.max_tpe_len
+    return [p for p in range(1, p_max + 1, l) if p + l <= tpe]
+
+
+def init_for_training(model: CausalSTDiT, seed: int) -> CausalSTDiT:
+    """Reference-style initialisation: Xavier linears, small timestep MLP, zero output and temporal/prefix
+    projections (the new branches start as identities), identity mask-channel merge."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    w = model.x_embedder.proj.weight
+    torch.nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    for lin in (model.t_embedder.mlp[0], model.t_embedder.mlp[2], model.t_block[1]):
+        torch.nn.init.normal_(lin.weight, std=0.02)
+    torch.nn.init.zeros_(model.final_layer.linear.weight)
+    torch.nn.init.zeros_(model.final_layer.linear.bias)
+    with torch.no_grad():
+        for block in model.blocks:
+            for proj in (block.attn_temp.proj, *([block.attn_cf.proj] if block.attn_cf is not None else [])):
+                torch.nn.init.zeros_(proj.weight)
+                torch.nn.init.zeros_(proj.bias)
+            if block.cross_attn is not None:
+                torch.nn.init.zeros_(block.cross_attn.proj.weight)
+                torch.nn.init.zeros_(block.cross_attn.proj.bias)
+            if block.attn_temp_pre_merge is not None:
+                m = block.attn_temp_pre_merge
+                torch.nn.init.zeros_(m.weight)
+                torch.nn.init.zeros_(m.bias)
+                m.weight[:, : m.out_features].copy_(torch.eye(m.out_features))
+    return model
+
+
+def training_step_inputs(clips: torch.Tensor, prefix: int, chunk: int, diffusion: TrainingDiffusion, cfg: TrainConfig,
+                         max_tpe_len: int, gen: torch.Generator) -> dict:  # fmt: skip
+    """Model inputs for one step from clips (B, C, T, H, W) in [-1, 1]."""
+    b, _, t_total = clips.shape[:3]
+    dev = clips.device
+    length = prefix + chunk
+    start = int(torch.randint(0, t_total - length + 1, (1,), generator=gen))
+    x0 = clips[:, :, start : start + length]
+    t_noise = torch.randint(0, diffusion.num_steps, (b,), generator=gen).to(dev)
+    t = torch.zeros(b, length, dtype=torch.long, device=dev)
+    t[:, prefix:] = t_noise[:, None]
+    noise = torch.randn(x0.shape, generator=gen).to(dev)
+    x_t = diffusion.q_sample(x0, t, noise)
+    if cfg.prefix_perturb_t > 0:  # the prefix as the model will see it at inference: slightly noised, labelled t=0
+        tp = torch.full((b, length), cfg.prefix_perturb_t, dtype=torch.long, device=dev)
+        perturbed = diffusion.q_sample(x0, tp, torch.randn(x0.shape, generator=gen).to(dev))
+        x_t[:, :, :prefix] = perturbed[:, :, :prefix]
+    else:
+        x_t[:, :, :prefix] = x0[:, :, :prefix]
+    cond = torch.zeros(b, length, device=dev)
+    cond[:, :prefix] = 1
+    tpe_start = int(torch.randint(0, max_tpe_len, (1,), generator=gen)) if length >= max_tpe_len else 0
+    return {"x0": x0, "x_t": x_t, "t": t, "noise": noise, "cond": cond, "tpe_start": tpe_start}
+
+
+class Trainer:
+    def __init__(self, pipe: PipelineConfig, cfg: TrainConfig, data: Dataset, out_dir: str | Path,
+                 device: str = "cpu") -> None:  # fmt: skip
+        self.pipe, self.cfg, self.out = pipe, cfg, Path(out_dir)
+        self.device = torch.device(device)
+        self.model = init_for_training(CausalSTDiT(pipe.model), cfg.seed).to(self.device).train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.diffusion = TrainingDiffusion(device=self.device)
+        shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        self.loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                 num_workers=cfg.num_workers, generator=shuffle_gen)  # fmt: skip
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.history: list[dict] = []
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "step": self.step, "gen": self.gen.get_state(), "history": self.history,
+                "pipe": self.pipe.to_dict(), "cfg": asdict(self.cfg)}  # fmt: skip
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / "trainer.pt.tmp"
+        torch.save(self.state(), tmp)
+        tmp.replace(self.out / "trainer.pt")
+        save_model_dir(self.out / "model", self.pipe, self.ema)  # EMA weights, servable with --model
+
+    def resume(self) -> bool:
+        path = self.out / "trainer.pt"
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.history = state["step"], state["history"]
+        self.gen.set_state(state["gen"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _batches(self):
+        while True:
+            yield from self.loader
+
+    def train(self) -> list[dict]:
+        cfg, pipe = self.cfg, self.pipe
+        prefixes = prefix_lengths(pipe)
+        rng = random.Random(cfg.seed + self.step)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        batches = self._batches()
+        started = time.perf_counter()
+        with tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step") as bar:
+            while self.step < cfg.steps:
+                clips = next(batches).to(self.device, non_blocking=True)
+                inputs = training_step_inputs(clips, rng.choice(prefixes), pipe.chunk_frames, self.diffusion, cfg,
+                                              pipe.model.max_tpe_len, self.gen)  # fmt: skip
+                with autocast:
+                    out = self.model(inputs["x_t"], inputs["t"], inputs["cond"], tpe_start=inputs["tpe_start"])
+                mask = (1 - inputs["cond"])[:, None, :, None, None]
+                terms = self.diffusion.losses(out, inputs["x0"], inputs["x_t"], inputs["t"], inputs["noise"], mask)
+                self.opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.opt.step()
+                with torch.no_grad():
+                    for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                        e.lerp_(p, 1 - cfg.ema_decay)
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    row = {"step": self.step, **{k: float(v.detach()) for k, v in terms.items()},
+                           "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started}  # fmt: skip
+                    self.history.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", mse=f"{row['mse']:.4f}")
+                    if not math.isfinite(row["loss"]):
+                        raise FloatingPointError(f"loss is {row['loss']} at step {self.step}")
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
+                bar.update(1)
+        return self.history

@@ -1,0 +1,109 @@
+"""Training recipe: losses, step inputs, a CPU smoke run with checkpoint, resume and a servable model."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from server.media import write_mp4
+from server.model.config import ModelConfig, PipelineConfig, get_preset
+from server.model.loader import load_pipeline
+from server.model.stdit import CausalSTDiT
+from server.train.losses import TrainingDiffusion
+from server.train.trainer import TrainConfig, Trainer, init_for_training, prefix_lengths, training_step_inputs
+from server.train.video_folder import VideoFolderDataset
+
+PIPE = PipelineConfig(model=ModelConfig(input_size=(8, 8, 8), in_channels=3, hidden_size=32, depth=2, num_heads=2),
+                      codec="pixel")  # fmt: skip
+
+
+class MovingBars(Dataset):
+    """A bar moving one pixel per frame: enough structure for a loss to fall."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        t = torch.arange(33)[:, None, None]
+        x = torch.arange(8)[None, None, :]
+        frame = ((x - (t + i) % 8).abs() < 2).float() * 2 - 1  # (T, 1, W)
+        return frame.expand(33, 8, 8)[None].repeat(3, 1, 1, 1)  # (3, T, H, W)
+
+
+def test_prefix_lengths():
+    assert prefix_lengths(get_preset("XL/2")) == [1, 9, 17, 25]
+    assert prefix_lengths(PIPE) == [1, 9, 17, 25]
+
+
+def test_losses_vanish_for_a_perfect_prediction_and_respect_the_mask():
+    diffusion = TrainingDiffusion()
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 5, 4, 4, generator=gen) * 2 - 1
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.tensor([[0, 0, 300, 300, 300], [0, 0, 700, 700, 700]])
+    x_t = diffusion.q_sample(x0, t, noise)
+    mask = torch.tensor([0, 0, 1, 1, 1.0])[None, None, :, None, None].expand(2, 1, 5, 1, 1)
+    perfect = torch.cat([noise, -torch.ones_like(noise)], dim=1)  # v = -1: the posterior variance exactly
+    terms = diffusion.losses(perfect, x0, x_t, t, noise, mask)
+    assert terms["mse"].item() < 1e-10 and abs(terms["vb"].item()) < 1e-5
+    wrong_on_prefix = perfect.clone()
+    wrong_on_prefix[:, :, :2] += 5.0  # predictions on conditional frames do not count
+    assert torch.allclose(diffusion.losses(wrong_on_prefix, x0, x_t, t, noise, mask)["loss"], terms["loss"])
+    # a wrong variance raises only the vlb term (at small t, where beta and the posterior variance differ)
+    t_small = torch.tensor([[0, 0, 3, 3, 3], [0, 0, 5, 5, 5]])
+    x_small = diffusion.q_sample(x0, t_small, noise)
+    good = diffusion.losses(perfect, x0, x_small, t_small, noise, mask)
+    worse = perfect.clone()
+    worse[:, 3:, 2:] = 1.0
+    bad = diffusion.losses(worse, x0, x_small, t_small, noise, mask)
+    assert bad["vb"] > good["vb"] + 1e-2 and bad["mse"] < 1e-10
+
+
+def test_step_inputs_follow_the_recipe():
+    diffusion = TrainingDiffusion()
+    clips = MovingBars()[0][None].repeat(2, 1, 1, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    for prefix in (1, 25):
+        inp = training_step_inputs(clips, prefix, 8, diffusion, TrainConfig(prefix_perturb_t=0), 33, gen)
+        assert inp["x_t"].shape[2] == prefix + 8
+        assert (
+            (inp["t"][:, :prefix] == 0).all()
+            and (inp["cond"][:, :prefix] == 1).all()
+            and (inp["cond"][:, prefix:] == 0).all()
+        )
+        assert torch.equal(inp["x_t"][:, :, :prefix], inp["x0"][:, :, :prefix])  # clean prefix without perturbation
+        assert not torch.equal(inp["x_t"][:, :, prefix:], inp["x0"][:, :, prefix:])
+        if prefix + 8 < 33:
+            assert inp["tpe_start"] == 0
+    starts = {training_step_inputs(clips, 25, 8, diffusion, TrainConfig(), 33, gen)["tpe_start"] for _ in range(20)}
+    assert len(starts) > 3  # random cyclic offsets once the clip fills the position table
+
+
+def test_training_init_outputs_zero():
+    model = init_for_training(CausalSTDiT(PIPE.model), 0)
+    out = model(torch.randn(1, 3, 9, 8, 8), torch.zeros(1, 9, dtype=torch.long), torch.ones(1, 9))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_smoke_training_resume_and_serve(tmp_path):
+    cfg = TrainConfig(steps=30, batch_size=4, lr=1e-3, log_every=5, ckpt_every=20)
+    trainer = Trainer(PIPE, cfg, MovingBars(), tmp_path / "run")
+    history = trainer.train()
+    assert [h["step"] for h in history] == [5, 10, 15, 20, 25, 30]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert history[-1]["mse"] < history[0]["mse"]
+    again = Trainer(PIPE, TrainConfig(steps=40, batch_size=4, lr=1e-3, log_every=5, ckpt_every=20), MovingBars(),
+                    tmp_path / "run")  # fmt: skip
+    assert again.resume() and again.step == 30
+    assert [h["step"] for h in again.train()][-2:] == [35, 40]
+    pipe = load_pipeline(str(tmp_path / "run" / "model"), device="cpu")  # the EMA weights serve
+    assert pipe.frame_size == (8, 8)
+
+
+def test_video_folder_dataset(tmp_path):
+    frames = torch.randint(0, 256, (40, 24, 32, 3), dtype=torch.uint8)
+    write_mp4(tmp_path / "a.mp4", frames, fps=8)
+    data = VideoFolderDataset(tmp_path, size=(8, 8), num_frames=33)
+    clip = data[3]
+    assert clip.shape == (3, 33, 8, 8) and clip.min() >= -1 and clip.max() <= 1
+    assert torch.equal(clip, data[3])
