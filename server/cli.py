@@ -125,6 +125,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .model.config import get_preset
+    from .model.loader import resolve_device
+    from .train.trainer import TrainConfig, Trainer
+
+    pipe = get_preset(args.preset)
+    if pipe.codec != "pixel":
+        raise ValueError("training runs in pixel space for now: use --preset tiny (or a pixel preset)")
+    size = pipe.model.input_size[1:]
+    frames = pipe.model.max_tpe_len
+    if args.data == "sprites":
+        from .train.sprites import SpritesConfig, SpritesDataset
+
+        data = SpritesDataset(SpritesConfig(height=size[0], width=size[1], num_frames=frames), length=1_000_000,
+                              seed=args.seed)  # fmt: skip
+    else:
+        from .train.video_folder import VideoFolderDataset
+
+        data = VideoFolderDataset(args.data, size=size, num_frames=frames, seed=args.seed)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      ckpt_every=args.ckpt_every, log_every=args.log_every)  # fmt: skip
+    trainer = Trainer(pipe, cfg, data, args.out, device=str(resolve_device(args.device)))
+    if args.resume:
+        trainer.resume()
+    history = trainer.train()
+    log.info("trained %d steps; final loss %.4f; servable model in %s", trainer.step,
+             history[-1]["loss"] if history else float("nan"), f"{args.out}/model")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ca2vdm", description="Ca2-VDM streaming video generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-sessions", type=int, default=None)
     serve.add_argument("--max-batch", type=int, default=None)
     serve.set_defaults(func=_cmd_serve)
+
+    train = sub.add_parser("train", help="train a model with the Ca2-VDM recipe (procedural sprites or a video folder)")
+    train.add_argument("--preset", default=_env("preset", "tiny"))
+    train.add_argument("--data", default=_env("data", "sprites"), help="'sprites' or a folder of videos")
+    train.add_argument("--steps", type=int, default=_env("steps", 10_000, int))
+    train.add_argument("--batch-size", type=int, default=_env("batch_size", 32, int))
+    train.add_argument("--lr", type=float, default=_env("lr", 1e-4, float))
+    train.add_argument("--seed", type=int, default=_env("seed", 0, int))
+    train.add_argument("--log-every", type=int, default=_env("log_every", 50, int))
+    train.add_argument("--ckpt-every", type=int, default=_env("ckpt_every", 1000, int))
+    train.add_argument("--device", default=_env("device", "auto"), choices=["auto", "cpu", "cuda"])
+    train.add_argument("--resume", action="store_true", help="continue from OUT/trainer.pt")
+    train.add_argument("--out", default=_env("out", None), required=_env("out", None) is None)
+    train.set_defaults(func=_cmd_train)
 
     bench = sub.add_parser("bench", help="engine benchmark scenarios (JSON with card, commit, command)")
     _add_model_flags(bench)

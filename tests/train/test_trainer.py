@@ -107,3 +107,15 @@ def test_video_folder_dataset(tmp_path):
     clip = data[3]
     assert clip.shape == (3, 33, 8, 8) and clip.min() >= -1 and clip.max() <= 1
     assert torch.equal(clip, data[3])
+
+
+def test_cli_train_on_a_video_folder(tmp_path):
+    from server.cli import main
+
+    frames = torch.randint(0, 256, (40, 24, 32, 3), dtype=torch.uint8)
+    (tmp_path / "videos").mkdir()
+    write_mp4(tmp_path / "videos" / "a.mp4", frames, fps=8)
+    rc = main(["train", "--preset", "tiny", "--data", str(tmp_path / "videos"), "--steps", "3", "--batch-size", "2",
+               "--log-every", "1", "--device", "cpu", "--out", str(tmp_path / "run")])  # fmt: skip
+    assert rc == 0 and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert main(["train", "--preset", "XL/2", "--data", "sprites", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
