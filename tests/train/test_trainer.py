@@ -119,3 +119,11 @@ def test_cli_train_on_a_video_folder(tmp_path):
                "--log-every", "1", "--device", "cpu", "--out", str(tmp_path / "run")])  # fmt: skip
     assert rc == 0 and (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert main(["train", "--preset", "XL/2", "--data", "sprites", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_train_on_sprites(tmp_path):
+    from server.cli import main
+
+    rc = main(["train", "--preset", "tiny", "--data", "sprites", "--steps", "2", "--batch-size", "2", "--log-every", "1",
+               "--device", "cpu", "--out", str(tmp_path / "run")])  # fmt: skip
+    assert rc == 0 and load_pipeline(str(tmp_path / "run" / "model"), device="cpu").frame_size == (16, 16)
