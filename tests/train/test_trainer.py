@@ -124,6 +124,6 @@ def test_cli_train_on_a_video_folder(tmp_path):
 def test_cli_train_on_sprites(tmp_path):
     from server.cli import main
 
-    rc = main(["train", "--preset", "tiny", "--data", "sprites", "--steps", "2", "--batch-size", "2", "--log-every", "1",
-               "--device", "cpu", "--out", str(tmp_path / "run")])  # fmt: skip
+    args = ["--preset", "tiny", "--data", "sprites", "--steps", "2", "--batch-size", "2", "--log-every", "1"]
+    rc = main(["train", *args, "--device", "cpu", "--out", str(tmp_path / "run")])
     assert rc == 0 and load_pipeline(str(tmp_path / "run" / "model"), device="cpu").frame_size == (16, 16)
