@@ -155,6 +155,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .model.loader import load_pipeline
+    from .train.evaluate import evaluate
+
+    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device)
+    seeds = list(range(args.seed, args.seed + args.videos))
+    result = evaluate(pipe, seeds=seeds, ar_steps=args.ar_steps, sampler=args.sampler, steps=args.steps)
+    print(f"{'AR step':>7} {'model':>6} {'truth':>6}")
+    for i, (m, t) in enumerate(zip(result["score_per_step"], result["truth_score_per_step"], strict=True)):
+        print(f"{i:>7} {m:>6.3f} {t:>6.3f}")
+    print(f"{'mean':>7} {result['score']:>6.3f} {result['truth_score']:>6.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ca2vdm", description="Ca2-VDM streaming video generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/trainer.pt")
     train.add_argument("--out", default=_env("out", None), required=_env("out", None) is None)
     train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="score 30 AR steps on procedural sprites against the ground truth")
+    _add_model_flags(ev)
+    ev.add_argument("--videos", type=int, default=_env("videos", 4, int))
+    ev.add_argument("--ar-steps", type=int, default=_env("ar_steps", 30, int))
+    ev.add_argument("--sampler", choices=["ddim", "iddpm"], default=_env("sampler", "ddim"))
+    ev.add_argument("--steps", type=int, default=_env("steps", 25, int))
+    ev.add_argument("--seed", type=int, default=_env("seed", 10_000, int), help="first ground-truth seed")
+    ev.add_argument("--out", default=_env("out", None), help="write the scores as JSON")
+    ev.set_defaults(func=_cmd_eval)
 
     bench = sub.add_parser("bench", help="engine benchmark scenarios (JSON with card, commit, command)")
     _add_model_flags(bench)

@@ -127,3 +127,17 @@ def test_cli_train_on_sprites(tmp_path):
     args = ["--preset", "tiny", "--data", "sprites", "--steps", "2", "--batch-size", "2", "--log-every", "1"]
     rc = main(["train", *args, "--device", "cpu", "--out", str(tmp_path / "run")])
     assert rc == 0 and load_pipeline(str(tmp_path / "run" / "model"), device="cpu").frame_size == (16, 16)
+
+
+def test_cli_eval_reports_model_and_truth(tmp_path, capsys):
+    import json
+
+    from server.cli import main
+
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--model", "random:tiny", "--device", "cpu", "--videos", "1", "--ar-steps", "3", "--steps", "2",
+               "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert rc == 0 and len(result["score_per_step"]) == 3 and result["truth_score"] > 0.9
+    assert result["score"] < result["truth_score"]  # random weights do not continue sprites
+    assert "mean" in capsys.readouterr().out
