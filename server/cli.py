@@ -144,8 +144,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .train.video_folder import VideoFolderDataset
 
         data = VideoFolderDataset(args.data, size=size, num_frames=frames, seed=args.seed)
+    max_seconds = args.max_minutes * 60 if args.max_minutes else None
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      ckpt_every=args.ckpt_every, log_every=args.log_every)  # fmt: skip
+                      ckpt_every=args.ckpt_every, log_every=args.log_every, num_workers=args.num_workers,
+                      warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, max_seconds=max_seconds)  # fmt: skip
     trainer = Trainer(pipe, cfg, data, args.out, device=str(resolve_device(args.device)))
     if args.resume:
         trainer.resume()
@@ -168,6 +170,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for i, (m, t) in enumerate(zip(result["score_per_step"], result["truth_score_per_step"], strict=True)):
         print(f"{i:>7} {m:>6.3f} {t:>6.3f}")
     print(f"{'mean':>7} {result['score']:>6.3f} {result['truth_score']:>6.3f}")
+    print("model, mean per window: " + ", ".join(f"{k} {v:.3f}" for k, v in result["parts"].items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -204,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=_env("steps", 10_000, int))
     train.add_argument("--batch-size", type=int, default=_env("batch_size", 32, int))
     train.add_argument("--lr", type=float, default=_env("lr", 1e-4, float))
+    train.add_argument("--warmup-steps", type=int, default=_env("warmup_steps", 0, int))
+    train.add_argument("--ema-decay", type=float, default=_env("ema_decay", 0.999, float))
+    train.add_argument("--num-workers", type=int, default=_env("num_workers", 0, int), help="data-loader processes")
+    train.add_argument("--max-minutes", type=float, default=_env("max_minutes", None, float),
+                       help="wall-clock budget: stop and save at the first step past it")  # fmt: skip
     train.add_argument("--seed", type=int, default=_env("seed", 0, int))
     train.add_argument("--log-every", type=int, default=_env("log_every", 50, int))
     train.add_argument("--ckpt-every", type=int, default=_env("ckpt_every", 1000, int))

@@ -157,10 +157,18 @@ class PipelineConfig:
 
 
 # Named presets. XL/2 and B/2 are the paper's video-prediction models (256x256 video through the SD-VAE,
-# 32x32 latents); `tiny` is a pixel-space model small enough for CPU tests.
+# 32x32 latents); `small` is the packaged default model's shape (32x32 RGB pixels, 4x4 patches, 4.8 M
+# parameters: streams in real time on two CPU cores); `tiny` is a pixel-space model small enough for CPU tests.
 PRESETS: dict[str, PipelineConfig] = {
     "XL/2": PipelineConfig(model=ModelConfig(depth=28)),
     "B/2": PipelineConfig(model=ModelConfig(depth=14)),
+    "small": PipelineConfig(
+        model=ModelConfig(
+            input_size=(8, 32, 32), in_channels=3, patch_size=(1, 4, 4), hidden_size=192, depth=6, num_heads=3
+        ),
+        codec="pixel",
+        default_steps=10,
+    ),
     "tiny": PipelineConfig(
         model=ModelConfig(input_size=(8, 16, 16), in_channels=3, hidden_size=64, depth=2, num_heads=2),
         codec="pixel",

@@ -29,6 +29,9 @@ def evaluate(pipe: Pipeline, *, seeds: list[int], ar_steps: int = 30, sampler: s
         truth_rows.append(compare_per_window(truth[1:], truth[1:], window=pipe.config.chunk_frames))
     per_step = [float(np.mean([rows[i]["score"] for rows in model_rows])) for i in range(ar_steps)]
     truth_step = [float(np.mean([rows[i]["score"] for rows in truth_rows])) for i in range(ar_steps)]
+    # what the score is made of, averaged over videos and AR steps (pos_err: drift from the true continuation)
+    parts = {key: float(np.nanmean([r[key] for rows in model_rows for r in rows]))
+             for key in ("s_count", "s_speed", "s_jump", "blank", "frozen", "noise", "pos_err")}  # fmt: skip
     return {"model": pipe.name, "seeds": seeds, "ar_steps": ar_steps, "sampler": sampler, "steps": steps,
             "score_per_step": per_step, "truth_score_per_step": truth_step,
-            "score": float(np.mean(per_step)), "truth_score": float(np.mean(truth_step))}  # fmt: skip
+            "score": float(np.mean(per_step)), "truth_score": float(np.mean(truth_step)), "parts": parts}  # fmt: skip

@@ -12,6 +12,7 @@ and the EMA weights are also written as a servable model directory.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import random
@@ -44,11 +45,17 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 500
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = 0  # data-loader processes (procedural clips are rendered on the CPU)
+    warmup_steps: int = 0  # linear learning-rate warm-up from 0
+    max_seconds: float | None = None  # wall-clock budget: stop (and save) at the first step past it
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.log_every, self.ckpt_every) < 1 or self.lr <= 0:
             raise ValueError("steps, batch_size, log_every, ckpt_every must be >= 1 and lr > 0")
+        if self.num_workers < 0 or self.warmup_steps < 0:
+            raise ValueError("num_workers and warmup_steps must be >= 0")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError("max_seconds must be > 0")
         if not 0 <= self.ema_decay < 1 or not 0 <= self.prefix_perturb_t < 1000:
             raise ValueError("ema_decay in [0, 1), prefix_perturb_t in [0, 1000)")
 
@@ -114,6 +121,10 @@ def training_step_inputs(clips: torch.Tensor, prefix: int, chunk: int, diffusion
     return {"x0": x0, "x_t": x_t, "t": t, "noise": noise, "cond": cond, "tpe_start": tpe_start}
 
 
+def _single_threaded(_worker: int) -> None:
+    torch.set_num_threads(1)  # one process per core renders clips; intra-op threads would only contend
+
+
 class Trainer:
     def __init__(self, pipe: PipelineConfig, cfg: TrainConfig, data: Dataset, out_dir: str | Path,
                  device: str = "cpu") -> None:  # fmt: skip
@@ -124,8 +135,11 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.diffusion = TrainingDiffusion(device=self.device)
         shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-        self.loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                 num_workers=cfg.num_workers, generator=shuffle_gen)  # fmt: skip
+        workers = {"num_workers": cfg.num_workers}
+        if cfg.num_workers > 0:
+            workers.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_single_threaded)
+        self.loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=shuffle_gen,
+                                 pin_memory=self.device.type == "cuda", **workers)  # fmt: skip
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.history: list[dict] = []
@@ -140,6 +154,7 @@ class Trainer:
         tmp = self.out / "trainer.pt.tmp"
         torch.save(self.state(), tmp)
         tmp.replace(self.out / "trainer.pt")
+        (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
         save_model_dir(self.out / "model", self.pipe, self.ema)  # EMA weights, servable with --model
 
     def resume(self) -> bool:
@@ -168,6 +183,13 @@ class Trainer:
         started = time.perf_counter()
         with tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step") as bar:
             while self.step < cfg.steps:
+                if cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds:
+                    log.info("time budget of %.0f s spent at step %d: stopping", cfg.max_seconds, self.step)
+                    self.save()
+                    break
+                if cfg.warmup_steps:
+                    for group in self.opt.param_groups:
+                        group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
                 clips = next(batches).to(self.device, non_blocking=True)
                 inputs = training_step_inputs(clips, rng.choice(prefixes), pipe.chunk_frames, self.diffusion, cfg,
                                               pipe.model.max_tpe_len, self.gen)  # fmt: skip
