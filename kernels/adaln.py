@@ -62,11 +62,16 @@ def _mod_rows(m: Tensor, b: int, f: int) -> int | None:
     return m.stride(1)
 
 
+def _differentiating(*tensors: Tensor) -> bool:
+    """The Triton kernels have no backward: when autograd records, the torch reference runs instead."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def modulated_norm(
     x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, use_triton: bool | None = None
 ) -> Tensor:
     """LayerNorm(x) (no affine) * (1 + scale) + shift. x (B, T, S, C); shift, scale (B, T, 1, C).
-    Triton on CUDA by default (`use_triton`), the torch reference otherwise or for other layouts."""
+    Triton on CUDA by default (`use_triton`), the torch reference otherwise, for other layouts or in training."""
     b, f, s, c = x.shape
     sx, sm = _rows(x), _mod_rows(shift, b, f)
     if (
@@ -74,6 +79,7 @@ def modulated_norm(
         or sm is None
         or _mod_rows(scale, b, f) != sm
         or not (x.is_cuda if use_triton is None else use_triton)
+        or _differentiating(x, shift, scale)
     ):
         return modulated_norm_reference(x, shift, scale, eps)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -93,6 +99,7 @@ def gated_add(x: Tensor, gate: Tensor, y: Tensor, use_triton: bool | None = None
         or sm is None
         or y.shape != x.shape
         or not (x.is_cuda if use_triton is None else use_triton)
+        or _differentiating(x, gate, y)
     ):
         return gated_add_reference(x, gate, y)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)

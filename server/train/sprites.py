@@ -289,7 +289,8 @@ def render_labels(state: SceneState, antialias: bool = True, threshold: float = 
 
 
 class SpritesDataset(Dataset):
-    """Clip i is ``render_clip(cfg, seed + i)`` as a float tensor (3, T, H, W) in [-1, 1], the model's layout."""
+    """Clip i is ``render_clip(cfg, seed + i)`` as a uint8 tensor (3, T, H, W), the model's layout (the trainer
+    scales to [-1, 1] on its device: a quarter of the bytes through the data-loader's shared memory)."""
 
     def __init__(self, cfg: SpritesConfig, length: int, seed: int = 0) -> None:
         if length < 0:
@@ -303,5 +304,4 @@ class SpritesDataset(Dataset):
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for {self.length} clips")
         frames, _ = render_clip(self.cfg, self.seed + i)
-        x = torch.from_numpy(frames).permute(3, 0, 1, 2).to(torch.float32)
-        return (x / 127.5 - 1.0).contiguous()
+        return torch.from_numpy(frames).permute(3, 0, 1, 2).contiguous()

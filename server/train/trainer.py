@@ -121,6 +121,11 @@ def training_step_inputs(clips: torch.Tensor, prefix: int, chunk: int, diffusion
     return {"x0": x0, "x_t": x_t, "t": t, "noise": noise, "cond": cond, "tpe_start": tpe_start}
 
 
+def to_model_range(clips: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> [-1, 1] floats; float clips are taken as already scaled."""
+    return clips.float() / 127.5 - 1.0 if clips.dtype == torch.uint8 else clips
+
+
 def _single_threaded(_worker: int) -> None:
     torch.set_num_threads(1)  # one process per core renders clips; intra-op threads would only contend
 
@@ -181,6 +186,7 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         batches = self._batches()
         started = time.perf_counter()
+        data_wait = 0.0  # seconds spent waiting for batches (a data-bound run shows it growing with `seconds`)
         with tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step") as bar:
             while self.step < cfg.steps:
                 if cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds:
@@ -190,7 +196,9 @@ class Trainer:
                 if cfg.warmup_steps:
                     for group in self.opt.param_groups:
                         group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
-                clips = next(batches).to(self.device, non_blocking=True)
+                waited = time.perf_counter()
+                clips = to_model_range(next(batches).to(self.device, non_blocking=True))
+                data_wait += time.perf_counter() - waited
                 inputs = training_step_inputs(clips, rng.choice(prefixes), pipe.chunk_frames, self.diffusion, cfg,
                                               pipe.model.max_tpe_len, self.gen)  # fmt: skip
                 with autocast:
@@ -207,7 +215,8 @@ class Trainer:
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     row = {"step": self.step, **{k: float(v.detach()) for k, v in terms.items()},
-                           "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started}  # fmt: skip
+                           "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started,
+                           "data_wait_s": data_wait}  # fmt: skip
                     self.history.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", mse=f"{row['mse']:.4f}")
                     if not math.isfinite(row["loss"]):

@@ -14,7 +14,7 @@ VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi"}
 
 
 class VideoFolderDataset(Dataset):
-    """Item i: `num_frames` consecutive frames of video i % N from a seeded offset, (3, T, H, W) in [-1, 1]."""
+    """Item i: `num_frames` consecutive frames of video i % N from a seeded offset, (3, T, H, W) uint8."""
 
     def __init__(self, folder: str | Path, size: tuple[int, int], num_frames: int, seed: int = 0) -> None:
         self.files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
@@ -38,4 +38,4 @@ class VideoFolderDataset(Dataset):
                              mode="bilinear", antialias=True, align_corners=False)  # fmt: skip
         top, left = (clip.shape[2] - h) // 2, (clip.shape[3] - w) // 2
         clip = clip[:, :, top : top + h, left : left + w]
-        return (clip / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()  # (3, T, H, W)
+        return clip.round().clamp(0, 255).to(torch.uint8).permute(1, 0, 2, 3).contiguous()  # (3, T, H, W)

@@ -49,3 +49,21 @@ def test_other_layouts_fall_back_to_the_reference():
     gate = torch.randn(2, 3, 1, 16, generator=gen).to(DEVICE)
     y = torch.randn(2, 3, 4, 16, generator=gen).to(DEVICE)
     assert torch.equal(gated_add(x, gate, y, use_triton=True), gated_add_reference(x, gate, y))
+
+
+def test_gradients_flow_when_training():
+    """The kernels have no backward: with autograd recording they must not cut the graph (a model trained on
+    a GPU through them silently got no gradient through any block's norms)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 16, generator=gen).to(DEVICE).requires_grad_()
+    shift, scale, _, _, _, gate = (m.detach().requires_grad_() for m in modulation(gen, 2, 3, 16, torch.float32))
+    y = torch.randn(2, 3, 4, 16, generator=gen).to(DEVICE).requires_grad_()
+    out = gated_add(modulated_norm(x, shift, scale, use_triton=True), gate, y, use_triton=True)
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, shift, scale, gate, y)]
+    for t in (x, shift, scale, gate, y):
+        t.grad = None
+    ref = gated_add_reference(modulated_norm_reference(x, shift, scale), gate, y)
+    ref.square().sum().backward()
+    for got, t in zip(grads, (x, shift, scale, gate, y), strict=True):
+        assert torch.allclose(got, t.grad, atol=1e-5)

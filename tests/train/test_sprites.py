@@ -196,10 +196,10 @@ def test_dataset_items():
     ds = SpritesDataset(CFG, length=10, seed=100)
     assert len(ds) == 10
     x = ds[3]
-    assert x.shape == (3, 33, 32, 32) and x.dtype == torch.float32 and x.is_contiguous()
-    assert x.min() >= -1.0 and x.max() <= 1.0 and x.max() == 1.0  # saturated sprites reach 255
+    assert x.shape == (3, 33, 32, 32) and x.dtype == torch.uint8 and x.is_contiguous()
+    assert x.max() == 255  # saturated sprites
     frames, _ = render_clip(CFG, 103)
-    expected = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
+    expected = torch.from_numpy(frames).permute(3, 0, 1, 2)
     assert torch.equal(x, expected) and torch.equal(ds[3], x)
     assert not torch.equal(ds[4], x) and torch.equal(SpritesDataset(CFG, 10, seed=101)[2], x)
     with pytest.raises(IndexError):

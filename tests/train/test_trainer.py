@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -100,12 +103,24 @@ def test_smoke_training_resume_and_serve(tmp_path):
     assert pipe.frame_size == (8, 8)
 
 
+def test_time_budget_warmup_workers_and_history(tmp_path):
+    cfg = TrainConfig(steps=100_000, batch_size=4, lr=1e-3, warmup_steps=10_000, num_workers=1, log_every=1,
+                      ckpt_every=100_000, max_seconds=2.0)  # fmt: skip
+    trainer = Trainer(PIPE, cfg, MovingBars(), tmp_path / "run")
+    history = trainer.train()
+    assert 1 <= trainer.step < 1000 and history[-1]["step"] == trainer.step
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(1e-3 * trainer.step / 10_000)  # still warming up
+    assert 0 <= history[-1]["data_wait_s"] <= history[-1]["seconds"]
+    assert (tmp_path / "run" / "trainer.pt").is_file()  # stopping on the budget saves
+    assert json.loads((tmp_path / "run" / "history.json").read_text()) == history
+
+
 def test_video_folder_dataset(tmp_path):
     frames = torch.randint(0, 256, (40, 24, 32, 3), dtype=torch.uint8)
     write_mp4(tmp_path / "a.mp4", frames, fps=8)
     data = VideoFolderDataset(tmp_path, size=(8, 8), num_frames=33)
     clip = data[3]
-    assert clip.shape == (3, 33, 8, 8) and clip.min() >= -1 and clip.max() <= 1
+    assert clip.shape == (3, 33, 8, 8) and clip.dtype == torch.uint8
     assert torch.equal(clip, data[3])
 
 
