@@ -156,3 +156,16 @@ def test_cli_eval_reports_model_and_truth(tmp_path, capsys):
     assert rc == 0 and len(result["score_per_step"]) == 3 and result["truth_score"] > 0.9
     assert result["score"] < result["truth_score"]  # random weights do not continue sprites
     assert "mean" in capsys.readouterr().out
+
+
+def test_ema_decay_warms_up():
+    from server.train.trainer import ema_decay_at
+
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    values = [ema_decay_at(s, 0.999) for s in range(0, 20_000, 50)]
+    assert values == sorted(values) and values[-1] == 0.999
+    # what is left of the initial weights after 1800 steps: 16% at a fixed 0.999, well under 1% warmed up
+    left = 1.0
+    for s in range(1800):
+        left *= ema_decay_at(s, 0.999)
+    assert left < 0.01 < 0.999**1800
