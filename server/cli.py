@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("ca2vdm")
@@ -34,7 +35,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .media import load_image, write_mp4
-    from .model.diffusion import DEFAULT_STEPS, make_sampler
+    from .model.diffusion import DEFAULT_STEPS
     from .model.generate import generate_video
     from .model.loader import load_pipeline
 
@@ -48,7 +49,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     steps = args.steps or (
         pipe.config.default_steps if sampler_name == pipe.config.default_sampler else DEFAULT_STEPS[sampler_name]
     )
-    sampler = make_sampler(sampler_name, steps)
+    sampler = pipe.sampler(sampler_name, steps)
     h, w = pipe.frame_size
     log.info(
         "model %s on %s: %dx%d at %d fps, %s with %d steps, seed %d",
@@ -149,6 +150,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       ckpt_every=args.ckpt_every, log_every=args.log_every, num_workers=args.num_workers,
                       warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, max_seconds=max_seconds)  # fmt: skip
     trainer = Trainer(pipe, cfg, data, args.out, device=str(resolve_device(args.device)))
+    if args.init_from and not (args.resume and (Path(args.out) / "trainer.pt").is_file()):
+        trainer.init_from(args.init_from)
     if args.resume:
         trainer.resume()
     history = trainer.train()
@@ -217,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ckpt-every", type=int, default=_env("ckpt_every", 1000, int))
     train.add_argument("--device", default=_env("device", "auto"), choices=["auto", "cpu", "cuda"])
     train.add_argument("--resume", action="store_true", help="continue from OUT/trainer.pt")
+    train.add_argument("--init-from", default=_env("init_from", None),
+                       help="start from the weights of a model directory (fresh optimiser)")  # fmt: skip
     train.add_argument("--out", default=_env("out", None), required=_env("out", None) is None)
     train.set_defaults(func=_cmd_train)
 

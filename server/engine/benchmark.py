@@ -183,7 +183,6 @@ def sessions_scenario(pipe: Pipeline, n: int, steps: int, chunks: int, max_batch
 def check_scenario(pipe: Pipeline) -> dict:
     """Batched engine sessions (paged pool, CUDA graphs) against the offline loop run alone (dense cache,
     eager), same seeds: mean absolute difference of the uint8 frames."""
-    from server.model.diffusion import make_sampler
     from server.model.generate import generate_video
 
     height, width = pipe.frame_size
@@ -197,7 +196,7 @@ def check_scenario(pipe: Pipeline) -> dict:
         engine.stop()
     diffs = []
     for p, frames in zip(params, results, strict=True):
-        solo = generate_video(pipe, make_sampler("ddim", 10), image=p.image, num_frames=17, seed=p.seed)
+        solo = generate_video(pipe, pipe.sampler("ddim", 10), image=p.image, num_frames=17, seed=p.seed)
         diffs.append((frames.float() - solo.float()).abs().mean().item())
     return {"sessions": 4, "mean_abs_diff_uint8_per_session": diffs}
 

@@ -16,7 +16,7 @@ from server.cache.block_manager import PageManager
 from server.cache.paged import PagedKVCache
 from server.cache.pool import KVPool
 from server.model.codecs import frames_to_uint8, uint8_to_frames
-from server.model.diffusion import Sampler, make_sampler
+from server.model.diffusion import Sampler
 from server.model.generate import perturb_for_cache
 from server.model.loader import Pipeline
 
@@ -51,7 +51,7 @@ class ModelRunner:
 
     def _sampler(self, name: str, steps: int) -> tuple[Sampler, list[int]]:
         if (name, steps) not in self._samplers:
-            sampler = make_sampler(name, steps).to(self.pipe.device)
+            sampler = self.pipe.sampler(name, steps).to(self.pipe.device)
             self._samplers[(name, steps)] = (sampler, sampler.timesteps.tolist())
         return self._samplers[(name, steps)]
 

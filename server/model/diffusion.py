@@ -94,8 +94,9 @@ class Sampler(ABC):
     num_train_steps: int
     timesteps: torch.Tensor  # (num_steps,) long: training timestep of each index k, ascending
 
-    def __init__(self, num_steps: int, num_train_steps: int = 1000) -> None:
+    def __init__(self, num_steps: int, num_train_steps: int = 1000, clip_x0: bool = False) -> None:
         used, alpha_bar = _respaced_alpha_bars(num_train_steps, num_steps)
+        self.clip_x0 = clip_x0
         self.num_steps = num_steps
         self.num_train_steps = num_train_steps
         self.timesteps = torch.tensor(used, dtype=torch.long)
@@ -180,9 +181,21 @@ class Sampler(ABC):
         k = self._index(k, b)
         x_t = x_t.float()
         eps, var_values = model_out.float().split(c, dim=1)  # (B, C, ...) each
+        if self.clip_x0:
+            eps = self._clipped_eps(x_t, eps, k)
         coef = self._gather(self._step_table, k, x_t)
         nonzero = (k != 0).to(device=x_t.device, dtype=x_t.dtype).view(b, *([1] * (x_t.dim() - 1)))
         return self._apply(x_t, eps, var_values, coef, nonzero, noise)
+
+    def _clipped_eps(self, x_t: torch.Tensor, eps: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The epsilon whose predicted x0 is clamped to [-1, 1] (data that is bounded, i.e. pixels).
+
+        Both samplers are linear in (x_t, x0), so stepping with this epsilon equals stepping from the clamped
+        x0. Without it, a pixel-space model's x0 estimate at t ~ T carries its epsilon error times
+        1/sqrt(alpha_bar) (~150), and a chunk ending outside [-1, 1] poisons every chunk that attends to it."""
+        signal, sigma = self._gather(self._q_table, k, x_t)
+        x0 = ((x_t - sigma * eps) / signal).clamp(-1.0, 1.0)
+        return (x_t - signal * x0) / sigma
 
     def q_sample(self, x0: torch.Tensor, k: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
         """Forward-noise clean ``x0`` (B, C, ...) to the level of respaced index k (B,)."""
@@ -242,8 +255,8 @@ class IDDPMSampler(Sampler):
     clipped; the variance interpolates in log space between the clipped posterior variance and beta.
     """
 
-    def __init__(self, num_steps: int = 100, num_train_steps: int = 1000) -> None:
-        super().__init__(num_steps, num_train_steps)
+    def __init__(self, num_steps: int = 100, num_train_steps: int = 1000, clip_x0: bool = False) -> None:
+        super().__init__(num_steps, num_train_steps, clip_x0)
 
     @property
     def needs_noise(self) -> bool:
@@ -287,11 +300,13 @@ class IDDPMSampler(Sampler):
 class DDIMSampler(Sampler):
     """DDIM over the same respaced chain; deterministic at ``eta = 0`` so it ignores the variance output."""
 
-    def __init__(self, num_steps: int = 25, num_train_steps: int = 1000, eta: float = 0.0) -> None:
+    def __init__(
+        self, num_steps: int = 25, num_train_steps: int = 1000, eta: float = 0.0, clip_x0: bool = False
+    ) -> None:
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and 0.0 <= eta <= 1.0):
             raise ValueError(f"eta must be a finite number in [0, 1], got {eta!r}")
         self.eta = float(eta)
-        super().__init__(num_steps, num_train_steps)
+        super().__init__(num_steps, num_train_steps, clip_x0)
 
     @property
     def needs_noise(self) -> bool:
@@ -343,10 +358,10 @@ def classifier_free_guidance(out_cond: torch.Tensor, out_uncond: torch.Tensor, s
     return torch.cat([eps_uncond + scale * (eps_cond - eps_uncond), var_cond], dim=1)
 
 
-def make_sampler(name: str, num_steps: int) -> Sampler:
-    """Build a sampler by config name ("iddpm" or "ddim")."""
+def make_sampler(name: str, num_steps: int, clip_x0: bool = False) -> Sampler:
+    """Build a sampler by config name ("iddpm" or "ddim"); `clip_x0` for bounded (pixel) data."""
     if name == "iddpm":
-        return IDDPMSampler(num_steps=num_steps)
+        return IDDPMSampler(num_steps=num_steps, clip_x0=clip_x0)
     if name == "ddim":
-        return DDIMSampler(num_steps=num_steps)
+        return DDIMSampler(num_steps=num_steps, clip_x0=clip_x0)
     raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(DEFAULT_STEPS)}")

@@ -14,6 +14,7 @@ import torch
 from .checkpoint import load_state_dict_strict, read_model_dir, read_official_checkpoint
 from .codecs import LatentCodec, make_codec
 from .config import PipelineConfig, get_preset
+from .diffusion import Sampler, make_sampler
 from .stdit import CausalSTDiT
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "default"
@@ -26,6 +27,10 @@ class Pipeline:
     model: CausalSTDiT
     codec: LatentCodec
     device: torch.device
+
+    def sampler(self, name: str, steps: int) -> Sampler:
+        """A sampler for this model: pixel-space models sample with the x0 estimate clamped to the data range."""
+        return make_sampler(name, steps, clip_x0=self.codec.name == "pixel")
 
     @property
     def frame_size(self) -> tuple[int, int]:

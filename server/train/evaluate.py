@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from server.model.diffusion import make_sampler
 from server.model.generate import generate_video
 from server.model.loader import Pipeline
 
@@ -23,7 +22,7 @@ def evaluate(pipe: Pipeline, *, seeds: list[int], ar_steps: int = 30, sampler: s
     model_rows, truth_rows = [], []
     for seed in seeds:
         truth, _ = render_video(cfg, seed, frames)  # (N, H, W, 3) uint8
-        video = generate_video(pipe, make_sampler(sampler, steps), image=torch.from_numpy(truth[0]), num_frames=frames,
+        video = generate_video(pipe, pipe.sampler(sampler, steps), image=torch.from_numpy(truth[0]), num_frames=frames,
                                seed=seed).numpy()  # fmt: skip
         model_rows.append(compare_per_window(video[1:], truth[1:], window=pipe.config.chunk_frames))
         truth_rows.append(compare_per_window(truth[1:], truth[1:], window=pipe.config.chunk_frames))

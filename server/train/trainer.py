@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from server.model.checkpoint import save_model_dir
+from server.model.checkpoint import load_state_dict_strict, read_model_dir, save_model_dir
 from server.model.config import PipelineConfig
 from server.model.stdit import CausalSTDiT
 
@@ -176,6 +176,15 @@ class Trainer:
         tmp.replace(self.out / "trainer.pt")
         (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
         save_model_dir(self.out / "model", self.pipe, self.ema)  # EMA weights, servable with --model
+
+    def init_from(self, model_dir: str | Path) -> None:
+        """Start from a servable model's weights (e.g. the EMA of an earlier run), with a fresh optimiser."""
+        config, state_dict = read_model_dir(model_dir)
+        if config.model != self.pipe.model:
+            raise ValueError(f"{model_dir} holds a different model shape than the one being trained")
+        load_state_dict_strict(self.model, state_dict)
+        self.ema.load_state_dict(self.model.state_dict())
+        log.info("initialised from %s", model_dir)
 
     def resume(self) -> bool:
         path = self.out / "trainer.pt"

@@ -169,3 +169,16 @@ def test_ema_decay_warms_up():
     for s in range(1800):
         left *= ema_decay_at(s, 0.999)
     assert left < 0.01 < 0.999**1800
+
+
+def test_init_from_a_model_directory(tmp_path):
+    first = Trainer(PIPE, TrainConfig(steps=3, batch_size=2, ckpt_every=3), MovingBars(), tmp_path / "a")
+    first.train()
+    second = Trainer(PIPE, TrainConfig(steps=1, batch_size=2, seed=5), MovingBars(), tmp_path / "b")
+    second.init_from(tmp_path / "a" / "model")
+    for name, value in first.ema.state_dict().items():
+        assert torch.equal(second.model.state_dict()[name], value) and torch.equal(second.ema.state_dict()[name], value)
+    other = PipelineConfig(model=ModelConfig(input_size=(8, 8, 8), in_channels=3, hidden_size=32, depth=1,
+                                             num_heads=2), codec="pixel")  # fmt: skip
+    with pytest.raises(ValueError, match="different model"):
+        Trainer(other, TrainConfig(steps=1), MovingBars(), tmp_path / "c").init_from(tmp_path / "a" / "model")
