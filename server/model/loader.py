@@ -48,8 +48,12 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def default_dtype(device: torch.device, config: PipelineConfig | None = None) -> torch.dtype:
+    """bf16 on CUDA, except pixel-space models: their epsilon must resolve x0 * sqrt(alpha_bar) ~ 0.006 near
+    t = T, below bf16's resolution (and they are small); fp32 on the CPU."""
+    if device.type != "cuda" or (config is not None and config.codec == "pixel"):
+        return torch.float32
+    return torch.bfloat16
 
 
 def load_pipeline(
@@ -105,7 +109,7 @@ def load_pipeline(
                 )
             codec = make_codec("sd-vae", str(vae_path))
 
-    dtype = dtype or default_dtype(dev)
+    dtype = dtype or default_dtype(dev, config)
     model = model.to(device=dev, dtype=dtype).eval().requires_grad_(False)
     codec = codec.to(dev, dtype)
     return Pipeline(name=spec, config=config, model=model, codec=codec, device=dev)

@@ -149,6 +149,11 @@ class CausalSTDiTBlock(nn.Module):
         return torch.where(is_cond, own, from_prefix), None
 
 
+def _full_precision(x: Tensor) -> torch.autocast:
+    """Suspend autocast (if any) on x's device type."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class CausalSTDiT(nn.Module):
     """CausalSTDiT2 with the reference's parameter and buffer names."""
 
@@ -258,8 +263,13 @@ class CausalSTDiT(nn.Module):
             raise ValueError(f"latent size {(hh, ww)} does not match the model's {tuple(cfg.input_size[1:])}")
         dtype = self.x_embedder.proj.weight.dtype
 
-        # 1. embed patches (+ fixed spatial PE) and per-frame timesteps
-        h = self.x_embedder(x.to(dtype)).view(b, t_len, cfg.num_spatial, -1) + self.pos_embed[:, None].to(dtype)
+        # 1. embed patches (+ fixed spatial PE) and per-frame timesteps. Under autocast (training) the input
+        #    and output projections stay in the parameters' dtype: near t = T epsilon ~ x_t and the data is
+        #    only sqrt(alpha_bar) ~ 0.006 of it, below bf16's resolution, so a bf16 copy path x_t -> eps
+        #    leaves the model nothing to learn about x0 there (it then ignores the context at high noise).
+        with _full_precision(x):
+            h = self.x_embedder(x.to(dtype)).view(b, t_len, cfg.num_spatial, -1)
+        h = h + self.pos_embed[:, None].to(dtype)
         t_emb = self.t_embedder(t, dtype)  # (B, T, C)
         t_mlp = self.t_block(t_emb)  # (B, T, 6C)
         p.tpe = p.tpe.to(dtype)
@@ -276,7 +286,8 @@ class CausalSTDiT(nn.Module):
             return h
 
         # 3. per-frame final modulation and unpatchify
-        out = self.final_layer(h, t_emb)  # (B, T, S, ph*pw*C_out)
+        with _full_precision(h):
+            out = self.final_layer(h.to(dtype), t_emb.to(dtype))  # (B, T, S, ph*pw*C_out)
         return self._unpatchify(out).float()
 
     def _unpatchify(self, x: Tensor) -> Tensor:

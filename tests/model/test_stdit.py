@@ -221,3 +221,16 @@ def test_bad_inputs():
         model.write(cache, torch.randn(2, 4, 1, 8, 8))
     with pytest.raises(ValueError, match="conditional frame"):
         model(torch.randn(1, 4, 8, 8, 8), torch.zeros(1, 8), torch.zeros(1, 8))
+
+
+def test_input_and_output_projections_keep_full_precision_under_autocast():
+    """Near t = T epsilon ~ x_t and x0 is ~0.6% of it: a bf16 copy path would hide x0 from the loss."""
+    model = small_model()
+    seen = {}
+    model.x_embedder.register_forward_hook(lambda m, i, o: seen.__setitem__("embed", o.dtype))
+    model.final_layer.register_forward_hook(lambda m, i, o: seen.__setitem__("final", o.dtype))
+    model.blocks[0].mlp.register_forward_hook(lambda m, i, o: seen.__setitem__("block", o.dtype))
+    x = torch.randn(1, SMALL.in_channels, 3, *SMALL.input_size[1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, torch.tensor([[0, 999, 999]]), torch.tensor([[1.0, 0.0, 0.0]]))
+    assert seen == {"embed": torch.float32, "final": torch.float32, "block": torch.bfloat16}
