@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -175,7 +175,10 @@ class Trainer:
         torch.save(self.state(), tmp)
         tmp.replace(self.out / "trainer.pt")
         (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
-        save_model_dir(self.out / "model", self.pipe, self.ema)  # EMA weights, servable with --model
+        # EMA weights, servable with --model; generation perturbs cached frames as training perturbed the prefix
+        # (the reference's inference also takes the training value: a clean cache is out of distribution)
+        served = replace(self.pipe, prefix_perturb_t=self.cfg.prefix_perturb_t)
+        save_model_dir(self.out / "model", served, self.ema)
 
     def init_from(self, model_dir: str | Path) -> None:
         """Start from a servable model's weights (e.g. the EMA of an earlier run), with a fresh optimiser."""

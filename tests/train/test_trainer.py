@@ -101,6 +101,7 @@ def test_smoke_training_resume_and_serve(tmp_path):
     assert [h["step"] for h in again.train()][-2:] == [35, 40]
     pipe = load_pipeline(str(tmp_path / "run" / "model"), device="cpu")  # the EMA weights serve
     assert pipe.frame_size == (8, 8)
+    assert pipe.config.prefix_perturb_t == cfg.prefix_perturb_t == 100  # generation perturbs as training did
 
 
 def test_time_budget_warmup_workers_and_history(tmp_path):
