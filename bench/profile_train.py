@@ -70,7 +70,8 @@ def main() -> None:
             timed_steps(trainer, args.warmup)  # every prefix length compiles once
             result["compile_warmup_s"] = time.perf_counter() - start
             result["compiled_ms_per_step"] = 1e3 * timed_steps(trainer, args.steps)
-            print(f"compiled: {result['compiled_ms_per_step']:.1f} ms/step (warm-up {result['compile_warmup_s']:.0f} s)")
+            ms, warm = result["compiled_ms_per_step"], result["compile_warmup_s"]
+            print(f"compiled: {ms:.1f} ms/step (warm-up {warm:.0f} s)")
     _write(args.out, result)
 
 
