@@ -67,6 +67,28 @@ def table() -> str:
             "model_step_h100.json",
         )
     )
+    stream = _load("stream_small_cpu.json")
+    for key, label in (("one_session_with_image", "1 session"), ("four_sessions", "4 sessions")):
+        row = stream[key]
+        rows.append(
+            (
+                f"`small` preset streamed over the websocket on CPU, {label}: frames/s each (first clip p50)",
+                f"{row['frames_per_s_per_session_p50']:.1f} ({row['first_clip_s_p50']:.2f} s)",
+                stream["card"].split(",")[0],
+                "stream_small_cpu.json",
+            )
+        )
+    train = _load("train_small_sprites_h100.json")
+    ev = train["eval"]
+    steps = sum(run["steps"] for run in train["runs"][1:])
+    rows.append(
+        (
+            f"`small` on sprites after {steps:,} steps: tracking score, 30 AR steps (truth / random weights)",
+            f"{ev['trained']['score']:.3f} ({ev['ground_truth_score']:.3f} / {ev['random']['score']:.3f})",
+            "NVIDIA H100 80GB HBM3",
+            "train_small_sprites_h100.json",
+        )
+    )
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "---|" * len(rows[0]))
     return "\n".join(lines)

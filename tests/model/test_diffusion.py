@@ -413,3 +413,42 @@ def test_bad_inputs_raise():
         s.q_sample(x, k, torch.zeros(3, *SHAPE))
     with pytest.raises(ValueError):
         linear_betas(0)
+
+
+@pytest.mark.parametrize("cls", [IDDPMSampler, DDIMSampler])
+def test_clip_x0_steps_from_the_clamped_estimate(cls):
+    gen = torch.Generator().manual_seed(7)
+    plain, clipped = cls(num_steps=10), cls(num_steps=10, clip_x0=True)
+    x_t = torch.randn(3, 2, 4, 4, generator=gen)
+    out = torch.randn(3, 4, 4, 4, generator=gen)
+    noise = torch.randn(3, 2, 4, 4, generator=gen)
+    k = torch.tensor([9, 4, 0])
+    signal, sigma = (clipped._q_table[:, k].view(2, 3, 1, 1, 1)).unbind(0)
+    x0 = (x_t - sigma * out[:, :2]) / signal
+    assert x0.abs().max() > 1  # the case the clamp exists for
+    eps_clamped = (x_t - signal * x0.clamp(-1, 1)) / sigma
+    expected = plain.step(x_t, torch.cat([eps_clamped, out[:, 2:]], 1), k, noise)
+    got = clipped.step(x_t, out, k, noise)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert got[2].abs().max() <= 1 + 1e-5  # the last step returns the clamped x0 itself
+    # an estimate already inside [-1, 1] is left alone
+    inside = (x_t - signal * torch.rand(3, 2, 4, 4, generator=gen).mul(1.8).sub(0.9)) / sigma
+    full = torch.cat([inside, out[:, 2:]], 1)
+    assert torch.allclose(clipped.step(x_t, full, k, noise), plain.step(x_t, full, k, noise), atol=1e-5)
+
+
+def test_pipelines_clip_only_pixel_models():
+    from server.model.loader import load_pipeline
+
+    assert load_pipeline("random:tiny", device="cpu").sampler("ddim", 5).clip_x0
+    assert not make_sampler("ddim", 5).clip_x0
+
+
+def test_pixel_models_default_to_fp32_on_gpus():
+    from server.model.config import get_preset
+    from server.model.loader import default_dtype
+
+    cuda = torch.device("cuda")
+    assert default_dtype(cuda, get_preset("small")) == torch.float32
+    assert default_dtype(cuda, get_preset("XL/2")) == torch.bfloat16
+    assert default_dtype(torch.device("cpu"), get_preset("XL/2")) == torch.float32
