@@ -148,7 +148,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     max_seconds = args.max_minutes * 60 if args.max_minutes else None
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       ckpt_every=args.ckpt_every, log_every=args.log_every, num_workers=args.num_workers,
-                      warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, max_seconds=max_seconds)  # fmt: skip
+                      warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, max_seconds=max_seconds,
+                      compile=args.compile)  # fmt: skip
     trainer = Trainer(pipe, cfg, data, args.out, device=str(resolve_device(args.device)))
     if args.init_from and not (args.resume and (Path(args.out) / "trainer.pt").is_file()):
         trainer.init_from(args.init_from)
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-workers", type=int, default=_env("num_workers", 0, int), help="data-loader processes")
     train.add_argument("--max-minutes", type=float, default=_env("max_minutes", None, float),
                        help="wall-clock budget: stop and save at the first step past it")  # fmt: skip
+    train.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     train.add_argument("--seed", type=int, default=_env("seed", 0, int))
     train.add_argument("--log-every", type=int, default=_env("log_every", 50, int))
     train.add_argument("--ckpt-every", type=int, default=_env("ckpt_every", 1000, int))

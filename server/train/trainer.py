@@ -48,6 +48,7 @@ class TrainConfig:
     num_workers: int = 0  # data-loader processes (procedural clips are rendered on the CPU)
     warmup_steps: int = 0  # linear learning-rate warm-up from 0
     max_seconds: float | None = None  # wall-clock budget: stop (and save) at the first step past it
+    compile: bool = False  # run the training forward under torch.compile (the saved weights are unaffected)
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.log_every, self.ckpt_every) < 1 or self.lr <= 0:
@@ -150,7 +151,10 @@ class Trainer:
         self.device = torch.device(device)
         self.model = init_for_training(CausalSTDiT(pipe.model), cfg.seed).to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=self.device.type == "cuda")  # fmt: skip
+        self._ema_params, self._params = list(self.ema.parameters()), list(self.model.parameters())
         self.diffusion = TrainingDiffusion(device=self.device)
         shuffle_gen = torch.Generator().manual_seed(cfg.seed)
         workers = {"num_workers": cfg.num_workers}
@@ -231,7 +235,7 @@ class Trainer:
                 inputs = training_step_inputs(clips, rng.choice(prefixes), pipe.chunk_frames, self.diffusion, cfg,
                                               pipe.model.max_tpe_len, self.gen, self.noise_gen)  # fmt: skip
                 with autocast:
-                    out = self.model(inputs["x_t"], inputs["t"], inputs["cond"], tpe_start=inputs["tpe_start"])
+                    out = self.forward(inputs["x_t"], inputs["t"], inputs["cond"], tpe_start=inputs["tpe_start"])
                 mask = (1 - inputs["cond"])[:, None, :, None, None]
                 terms = self.diffusion.losses(out, inputs["x0"], inputs["x_t"], inputs["t"], inputs["noise"], mask)
                 self.opt.zero_grad(set_to_none=True)
@@ -239,9 +243,7 @@ class Trainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.opt.step()
                 with torch.no_grad():
-                    decay = ema_decay_at(self.step, cfg.ema_decay)
-                    for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-                        e.lerp_(p, 1 - decay)
+                    torch._foreach_lerp_(self._ema_params, self._params, 1 - ema_decay_at(self.step, cfg.ema_decay))
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     row = {"step": self.step, **{k: float(v.detach()) for k, v in terms.items()},

@@ -183,3 +183,29 @@ def test_init_from_a_model_directory(tmp_path):
                                              num_heads=2), codec="pixel")  # fmt: skip
     with pytest.raises(ValueError, match="different model"):
         Trainer(other, TrainConfig(steps=1), MovingBars(), tmp_path / "c").init_from(tmp_path / "a" / "model")
+
+
+def test_compile_wraps_only_the_training_forward(tmp_path, monkeypatch):
+    compiled = []
+
+    def fake_compile(module):
+        compiled.append(module)
+        return module.forward  # a different callable standing in for the compiled module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    trainer = Trainer(PIPE, TrainConfig(steps=2, batch_size=2, compile=True, ckpt_every=2), MovingBars(), tmp_path)
+    assert compiled == [trainer.model] and trainer.forward is not trainer.model
+    trainer.train()
+    state = torch.load(tmp_path / "trainer.pt", weights_only=False)
+    assert set(state["model"]) == set(trainer.ema.state_dict())  # plain module names, loadable by resume
+
+
+def test_ema_follows_the_warmed_up_decay(tmp_path):
+    trainer = Trainer(PIPE, TrainConfig(steps=1, batch_size=2, ckpt_every=10), MovingBars(), tmp_path)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    after, ema = trainer.model.state_dict(), trainer.ema.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed
+    for k in changed:  # decay at step 0 is 1/10: the EMA moves 90% of the way
+        assert torch.allclose(ema[k], before[k] + 0.9 * (after[k] - before[k]), atol=1e-6)
