@@ -181,6 +181,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_package(args: argparse.Namespace) -> int:
+    from .train.package import package_from_files
+
+    out = package_from_files(args.model_dir, args.out, args.runs, args.eval, args.random_eval, args.data, args.card)
+    print(f"packaged {args.model_dir} into {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ca2vdm", description="Ca2-VDM streaming video generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=_env("seed", 10_000, int), help="first ground-truth seed")
     ev.add_argument("--out", default=_env("out", None), help="write the scores as JSON")
     ev.set_defaults(func=_cmd_eval)
+
+    pkg = sub.add_parser("package", help="package a trained model directory with its model card")
+    pkg.add_argument("model_dir", help="the trained model directory (OUT/model of ca2vdm train)")
+    pkg.add_argument(
+        "--runs", required=True, help="JSON list of the training runs: command, steps, minutes, history_file"
+    )
+    pkg.add_argument("--eval", required=True, help="ca2vdm eval --out JSON of the trained model")
+    pkg.add_argument("--random-eval", default=None, help="ca2vdm eval --out JSON of random weights, for the card")
+    pkg.add_argument("--data", default="procedural sprites (server/train/sprites.py), 33-frame clips")
+    pkg.add_argument("--card", required=True, help="the accelerator it was trained on")
+    pkg.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights" / "default"))
+    pkg.set_defaults(func=_cmd_package)
 
     bench = sub.add_parser("bench", help="engine benchmark scenarios (JSON with card, commit, command)")
     _add_model_flags(bench)

@@ -1,0 +1,113 @@
+"""Package a trained model directory as a servable model with its model card (`ca2vdm package`).
+
+The card records what a reader needs to trust or reproduce the weights: the architecture, the data, the exact
+training command(s), steps, wall time and card, the final losses, and the evaluation of the model beside the
+ground truth and random weights, AR step by AR step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from server.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_model_dir
+
+MAX_WEIGHT_BYTES = 20_000_000  # the package's budget for the default model
+CARD_FILE = "MODEL_CARD.md"
+
+
+def _param_count(model_dir: Path) -> int:
+    _, state = read_model_dir(model_dir)
+    return sum(v.numel() for k, v in state.items() if k not in ("pos_embed", "pos_embed_temporal"))
+
+
+def _eval_table(trained: dict, random: dict | None, chunk: int) -> list[str]:
+    head = "| AR step | frames | trained | ground truth |" + (" random weights |" if random else "")
+    rows = [head, "|" + "---|" * (4 + bool(random))]
+    for i, (m, t) in enumerate(zip(trained["score_per_step"], trained["truth_score_per_step"], strict=True)):
+        cells = [str(i + 1), f"{1 + i * chunk}–{(i + 1) * chunk}", f"{m:.3f}", f"{t:.3f}"]
+        if random:
+            cells.append(f"{random['score_per_step'][i]:.3f}")
+        rows.append("| " + " | ".join(cells) + " |")
+    mean = ["**mean**", "", f"**{trained['score']:.3f}**", f"{trained['truth_score']:.3f}"]
+    if random:
+        mean.append(f"{random['score']:.3f}")
+    rows.append("| " + " | ".join(mean) + " |")
+    return rows
+
+
+def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, trained: dict,
+               random: dict | None = None) -> str:  # fmt: skip
+    """Markdown model card. `runs`: [{"command", "steps", "minutes", "history": [...]}] in training order."""
+    config, _ = read_model_dir(model_dir)
+    mc = config.model
+    steps = sum(r["steps"] for r in runs)
+    minutes = sum(r["minutes"] for r in runs)
+    last = runs[-1]["history"][-1] if runs[-1].get("history") else {}
+    size = (model_dir / WEIGHTS_FILE).stat().st_size
+    lines = [
+        "# ca2vdm default model",
+        "",
+        f"A Ca2-VDM (CausalSTDiT2) trained from scratch by `ca2vdm train` on {data}.",
+        "",
+        "## Model",
+        f"- {mc.input_size[1]}×{mc.input_size[2]} RGB, {config.codec} space; patch {'×'.join(map(str, mc.patch_size))},"
+        f" hidden {mc.hidden_size}, depth {mc.depth}, {mc.num_heads} heads, prefix attention over {mc.prefix_frames}"
+        f" frames, temporal positions {mc.max_tpe_len} (cyclic)",
+        f"- {_param_count(model_dir) / 1e6:.2f} M parameters, {size / 1e6:.1f} MB ({WEIGHTS_FILE}, EMA weights)",
+        f"- generation: {config.chunk_frames}-frame chunks, {config.max_cache_frames}-frame cache queue,"
+        f" {config.fps} fps, cached frames perturbed to t_p = {config.prefix_perturb_t},"
+        f" default sampler {config.default_sampler} with {config.default_steps} steps",
+        "",
+        "## Training",
+        f"- card: {card}; {steps:,} steps in {minutes:.1f} min"
+        + (f"; final epsilon-MSE {last['mse']:.4f}, L_vlb {last['vb']:.4f}" if last else ""),
+        "- commands, in order (each later run starts from the previous run's EMA weights):",
+        "",
+    ]
+    for r in runs:
+        lines.append(f"  - `{r['command']}` — {r['steps']:,} steps, {r['minutes']:.1f} min")
+    lines += [
+        "",
+        "## Evaluation",
+        f"`ca2vdm eval`: {len(trained['seeds'])} ground-truth videos (seeds {trained['seeds'][0]}…); the model"
+        f" continues each from its first frame for {trained['ar_steps']} AR steps with {trained['sampler']}"
+        f" {trained['steps']}; every 8-frame window is tracked and scored against the ground truth (object count,"
+        " speeds, jumps, collapse; 1.0 = as plausible as the truth).",
+        "",
+        *_eval_table(trained, random, config.chunk_frames),
+        "",
+    ]
+    if trained.get("parts"):
+        lines.append("Score parts (trained, mean over windows): "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in trained["parts"].items()))  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def package(model_dir: str | Path, out_dir: str | Path, *, runs: list[dict], data: str, card: str, trained: dict,
+            random: dict | None = None, max_bytes: int = MAX_WEIGHT_BYTES) -> Path:  # fmt: skip
+    """Copy config + weights to `out_dir` and write the card; refuses weights over `max_bytes`."""
+    src, out = Path(model_dir), Path(out_dir)
+    size = (src / WEIGHTS_FILE).stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{src / WEIGHTS_FILE} is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB budget")
+    text = model_card(src, runs=runs, data=data, card=card, trained=trained, random=random)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copyfile(src / name, out / name)
+    (out / CARD_FILE).write_text(text)
+    return out
+
+
+def package_from_files(model_dir: str, out_dir: str, runs_file: str, eval_file: str, random_eval_file: str | None,
+                       data: str, card: str) -> Path:  # fmt: skip
+    """The CLI's entry: `runs_file` is a JSON list of runs ({command, steps, minutes, history_file?})."""
+    runs = json.loads(Path(runs_file).read_text())
+    for r in runs:
+        if "history_file" in r:
+            r["history"] = json.loads(Path(r.pop("history_file")).read_text())
+    trained = json.loads(Path(eval_file).read_text())
+    random = json.loads(Path(random_eval_file).read_text()) if random_eval_file else None
+    return package(model_dir, out_dir, runs=runs, data=data, card=card, trained=trained, random=random)
