@@ -14,6 +14,12 @@ from .sprites import SpritesConfig, render_video
 from .tracking import compare_per_window
 
 
+def _mean_finite(values: list[float]) -> float:
+    """Mean over the finite values (pos_err is NaN in windows without a matched object); NaN if none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def evaluate(pipe: Pipeline, *, seeds: list[int], ar_steps: int = 30, sampler: str = "ddim", steps: int = 25) -> dict:
     """Mean per-window scores over `seeds` for the model and for the ground truth itself."""
     height, width = pipe.frame_size
@@ -29,7 +35,7 @@ def evaluate(pipe: Pipeline, *, seeds: list[int], ar_steps: int = 30, sampler: s
     per_step = [float(np.mean([rows[i]["score"] for rows in model_rows])) for i in range(ar_steps)]
     truth_step = [float(np.mean([rows[i]["score"] for rows in truth_rows])) for i in range(ar_steps)]
     # what the score is made of, averaged over videos and AR steps (pos_err: drift from the true continuation)
-    parts = {key: float(np.nanmean([r[key] for rows in model_rows for r in rows]))
+    parts = {key: _mean_finite([r[key] for rows in model_rows for r in rows])
              for key in ("s_count", "s_speed", "s_jump", "blank", "frozen", "noise", "pos_err")}  # fmt: skip
     return {"model": pipe.name, "seeds": seeds, "ar_steps": ar_steps, "sampler": sampler, "steps": steps,
             "score_per_step": per_step, "truth_score_per_step": truth_step,

@@ -27,7 +27,6 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from server.engine.output import JpegEncoder
-from server.model.diffusion import make_sampler
 from server.model.generate import generate_video
 from tests.api.conftest import APPS, running_server
 
@@ -106,7 +105,7 @@ def test_load_64_sessions_each_equal_to_its_solo_run(tiny_pipe):
     for start, r in zip(starts, results, strict=True):
         assert r["code"] == 1000 and r["messages"][-1] == {"type": "done", "frames": 9}, r["messages"][-3:]
         solo = generate_video(
-            tiny_pipe, make_sampler(start["sampler"], 2), image=None, num_frames=9, seed=start["seed"]
+            tiny_pipe, tiny_pipe.sampler(start["sampler"], 2), image=None, num_frames=9, seed=start["seed"]
         )
         expected = decode(encoder.encode_clip(solo, 0))
         assert np.abs(decode(r["jpegs"]) - expected).mean() < 0.5, start

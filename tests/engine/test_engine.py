@@ -12,7 +12,6 @@ from server.engine.engine import Engine, ServerBusy, SessionFailed
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import SchedulerConfig
 from server.engine.session import Session, SessionParams, SessionState
-from server.model.diffusion import make_sampler
 from server.model.generate import generate_video
 from server.model.loader import load_pipeline
 from tests.images import smooth_image
@@ -74,7 +73,7 @@ def test_session_equals_offline_generation(pipe):
         return torch.cat([c.frames for c in clips]), clips
 
     frames, clips = run(with_engine(pipe, SchedulerConfig(), main))
-    offline = generate_video(pipe, make_sampler("iddpm", 5), image=image(3), num_frames=19, seed=11)
+    offline = generate_video(pipe, pipe.sampler("iddpm", 5), image=image(3), num_frames=19, seed=11)
     assert [c.num_frames for c in clips] == [1, 8, 8, 2]
     assert [c.first_frame for c in clips] == [0, 1, 9, 17]
     assert torch.equal(frames, offline)
@@ -105,7 +104,7 @@ def test_many_sessions_batched_fairly(pipe):
     for i, clips in enumerate(results):
         frames = torch.cat([c.frames for c in clips])
         assert frames.shape[0] == 9 + i
-        solo = generate_video(pipe, make_sampler("ddim" if i % 2 else "iddpm", 3 + i % 3),
+        solo = generate_video(pipe, pipe.sampler("ddim" if i % 2 else "iddpm", 3 + i % 3),
                               image=image(i) if i % 3 else None, num_frames=9 + i, seed=i)  # fmt: skip
         assert (frames.int() - solo.int()).abs().max() <= 1
 
