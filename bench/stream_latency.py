@@ -22,7 +22,8 @@ async def one_session(client: StreamClient, frames: int, image: str | None, seed
     clips: list[tuple[float, int]] = []  # (arrival s, frames) of generated clips
     async with contextlib.aclosing(client.stream(image=image, seed=seed, num_frames=frames)) as events:
         async for event in events:
-            if isinstance(event, Clip) and event.first_frame > 0:
+            # with an image, clip 0 is that image; without one, frame 0 is generated too
+            if isinstance(event, Clip) and (image is None or event.first_frame > 0):
                 clips.append((time.perf_counter() - start, event.num_frames))
             elif isinstance(event, (Ready, Done)):
                 continue
