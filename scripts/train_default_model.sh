@@ -5,7 +5,8 @@
 #
 # Trains the `small` preset on procedural sprites for MINUTES of wall-clock time (default 6.5), then scores
 # 30 AR steps (240 frames) of the trained EMA weights and of random weights against the ground truth.
-# OUT_DIR/run/model is the servable model; OUT_DIR/eval_*.json are the scores; OUT_DIR/train.log the log.
+# OUT_DIR/run/model is the servable model; OUT_DIR/eval_*.json the scores, OUT_DIR/sheet_*.png truth above generated
+# frames; OUT_DIR/train.log the log.
 # INIT_FROM=DIR continues from a model directory's weights (fresh optimiser); EVAL=0 skips the evaluation.
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR [MINUTES]}
@@ -26,5 +27,5 @@ for spec in "$out/run/model:ddim:10" "$out/run/model:ddim:25" "random:small:ddim
   model=${spec%:*:*}; rest=${spec#"$model":}; sampler=${rest%:*}; steps=${rest#*:}
   name=$( [[ $model == random:* ]] && echo random || echo trained )_${sampler}${steps}
   $ca2vdm eval --model "$model" --videos "${EVAL_VIDEOS:-6}" --sampler "$sampler" --steps "$steps" \
-    --device cuda --out "$out/eval_$name.json" | tail -2
+    --device cuda --out "$out/eval_$name.json" --sheet "$out/sheet_$name.png" | tail -2
 done

@@ -169,7 +169,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device)
     seeds = list(range(args.seed, args.seed + args.videos))
-    result = evaluate(pipe, seeds=seeds, ar_steps=args.ar_steps, sampler=args.sampler, steps=args.steps)
+    result = evaluate(pipe, seeds=seeds, ar_steps=args.ar_steps, sampler=args.sampler, steps=args.steps,
+                      keep_videos=3 if args.sheet else 0)  # fmt: skip
+    if args.sheet:
+        from PIL import Image
+
+        from .train.evaluate import contact_sheet
+
+        Image.fromarray(contact_sheet(result.pop("videos"))).save(args.sheet)
     print(f"{'AR step':>7} {'model':>6} {'truth':>6}")
     for i, (m, t) in enumerate(zip(result["score_per_step"], result["truth_score_per_step"], strict=True)):
         print(f"{i:>7} {m:>6.3f} {t:>6.3f}")
@@ -184,7 +191,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_package(args: argparse.Namespace) -> int:
     from .train.package import package_from_files
 
-    out = package_from_files(args.model_dir, args.out, args.runs, args.eval, args.random_eval, args.data, args.card)
+    out = package_from_files(args.model_dir, args.out, args.runs, args.eval, args.random_eval, args.data, args.card,
+                             args.sheet)  # fmt: skip
     print(f"packaged {args.model_dir} into {out}")
     return 0
 
@@ -243,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=_env("steps", 25, int))
     ev.add_argument("--seed", type=int, default=_env("seed", 10_000, int), help="first ground-truth seed")
     ev.add_argument("--out", default=_env("out", None), help="write the scores as JSON")
+    ev.add_argument("--sheet", default=None, help="write a PNG: truth above generated, every 12th frame, 3 videos")
     ev.set_defaults(func=_cmd_eval)
 
     pkg = sub.add_parser("package", help="package a trained model directory with its model card")
@@ -254,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     pkg.add_argument("--random-eval", default=None, help="ca2vdm eval --out JSON of random weights, for the card")
     pkg.add_argument("--data", default="procedural sprites (server/train/sprites.py), 33-frame clips")
     pkg.add_argument("--card", required=True, help="the accelerator it was trained on")
+    pkg.add_argument("--sheet", default=None, help="the PNG of ca2vdm eval --sheet, shown in the card")
     pkg.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights" / "default"))
     pkg.set_defaults(func=_cmd_package)
 

@@ -15,6 +15,7 @@ from server.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_model_dir
 
 MAX_WEIGHT_BYTES = 20_000_000  # the package's budget for the default model
 CARD_FILE = "MODEL_CARD.md"
+SHEET_FILE = "samples.png"
 
 
 def _param_count(model_dir: Path) -> int:
@@ -38,7 +39,7 @@ def _eval_table(trained: dict, random: dict | None, chunk: int) -> list[str]:
 
 
 def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, trained: dict,
-               random: dict | None = None) -> str:  # fmt: skip
+               random: dict | None = None, sheet: str | None = None) -> str:  # fmt: skip
     """Markdown model card. `runs`: [{"command", "steps", "minutes", "history": [...]}] in training order."""
     config, _ = read_model_dir(model_dir)
     mc = config.model
@@ -79,6 +80,8 @@ def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, train
         *_eval_table(trained, random, config.chunk_frames),
         "",
     ]
+    if sheet:
+        lines += [f"![truth above generated, every 12th frame]({sheet})", ""]
     if trained.get("parts"):
         lines.append("Score parts (trained, mean over windows): "
                      + ", ".join(f"{k} {v:.3f}" for k, v in trained["parts"].items()))  # fmt: skip
@@ -87,22 +90,27 @@ def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, train
 
 
 def package(model_dir: str | Path, out_dir: str | Path, *, runs: list[dict], data: str, card: str, trained: dict,
-            random: dict | None = None, max_bytes: int = MAX_WEIGHT_BYTES) -> Path:  # fmt: skip
-    """Copy config + weights to `out_dir` and write the card; refuses weights over `max_bytes`."""
+            random: dict | None = None, sheet: str | Path | None = None,
+            max_bytes: int = MAX_WEIGHT_BYTES) -> Path:  # fmt: skip
+    """Copy config + weights (+ the eval's contact sheet) to `out_dir` and write the card; refuses weights over
+    `max_bytes`."""
     src, out = Path(model_dir), Path(out_dir)
     size = (src / WEIGHTS_FILE).stat().st_size
     if size > max_bytes:
         raise ValueError(f"{src / WEIGHTS_FILE} is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB budget")
-    text = model_card(src, runs=runs, data=data, card=card, trained=trained, random=random)
+    text = model_card(src, runs=runs, data=data, card=card, trained=trained, random=random,
+                      sheet=SHEET_FILE if sheet else None)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         shutil.copyfile(src / name, out / name)
+    if sheet:
+        shutil.copyfile(sheet, out / SHEET_FILE)
     (out / CARD_FILE).write_text(text)
     return out
 
 
 def package_from_files(model_dir: str, out_dir: str, runs_file: str, eval_file: str, random_eval_file: str | None,
-                       data: str, card: str) -> Path:  # fmt: skip
+                       data: str, card: str, sheet: str | None = None) -> Path:  # fmt: skip
     """The CLI's entry: `runs_file` is a JSON list of runs ({command, steps, minutes, history_file?})."""
     runs = json.loads(Path(runs_file).read_text())
     for r in runs:
@@ -110,4 +118,4 @@ def package_from_files(model_dir: str, out_dir: str, runs_file: str, eval_file: 
             r["history"] = json.loads(Path(r.pop("history_file")).read_text())
     trained = json.loads(Path(eval_file).read_text())
     random = json.loads(Path(random_eval_file).read_text()) if random_eval_file else None
-    return package(model_dir, out_dir, runs=runs, data=data, card=card, trained=trained, random=random)
+    return package(model_dir, out_dir, runs=runs, data=data, card=card, trained=trained, random=random, sheet=sheet)

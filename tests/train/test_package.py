@@ -61,6 +61,9 @@ def test_package_cli(trained, tmp_path):
     run, _, _ = trained
     runs = [{"command": "ca2vdm train ...", "steps": 4, "minutes": 0.1, "history_file": str(run / "history.json")}]
     (tmp_path / "runs.json").write_text(json.dumps(runs))
+    (tmp_path / "sheet.png").write_bytes(b"png")
     rc = main(["package", str(run / "model"), "--runs", str(tmp_path / "runs.json"), "--eval", str(run / "eval.json"),
-               "--random-eval", str(run / "random.json"), "--card", "CPU", "--out", str(tmp_path / "pkg")])  # fmt: skip
-    assert rc == 0 and (tmp_path / "pkg" / CARD_FILE).is_file()
+               "--random-eval", str(run / "random.json"), "--card", "CPU", "--out", str(tmp_path / "pkg"),
+               "--sheet", str(tmp_path / "sheet.png")])  # fmt: skip
+    assert rc == 0 and (tmp_path / "pkg" / "samples.png").read_bytes() == b"png"
+    assert "](samples.png)" in (tmp_path / "pkg" / CARD_FILE).read_text()

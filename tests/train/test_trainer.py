@@ -152,9 +152,13 @@ def test_cli_eval_reports_model_and_truth(tmp_path, capsys):
 
     out = tmp_path / "eval.json"
     rc = main(["eval", "--model", "random:tiny", "--device", "cpu", "--videos", "1", "--ar-steps", "3", "--steps", "2",
-               "--out", str(out)])  # fmt: skip
+               "--out", str(out), "--sheet", str(tmp_path / "sheet.png")])  # fmt: skip
     result = json.loads(out.read_text())
     assert rc == 0 and len(result["score_per_step"]) == 3 and result["truth_score"] > 0.9
+    from PIL import Image
+
+    # 25 frames, every 12th: 3 columns of 16 px; truth above generated for the one video; 2x enlarged
+    assert Image.open(tmp_path / "sheet.png").size == (3 * 16 * 2, 2 * 16 * 2)
     assert result["score"] < result["truth_score"]  # random weights do not continue sprites
     assert "mean" in capsys.readouterr().out
 
