@@ -80,7 +80,7 @@ def table() -> str:
         )
     train = _load("train_small_sprites_h100.json")
     ev = train["eval"]
-    steps = sum(run["steps"] for run in train["runs"][1:])
+    steps = sum(run["steps"] for run in train["runs"] if run["in_final_weights"])
     rows.append(
         (
             f"`small` on sprites after {steps:,} steps: tracking score, 30 AR steps (truth / random weights)",
