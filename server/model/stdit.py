@@ -200,9 +200,13 @@ class CausalSTDiT(nn.Module):
         prefix_index = None
         if self.config.prefix_frames > 0:
             cond_len = cond.sum(dim=1).long()  # (B,)
-            # One bound check per call (a host sync, but this is the recompute path, not the cached one).
-            if bool((cond_len < 1).any()):
-                raise ValueError("every sample needs at least one conditional frame for prefix attention")
+            # Bound check: on a GPU a device-side assert, since a host sync every training step would stop the
+            # CPU from queueing the next kernels while the GPU works.
+            message = "every sample needs at least one conditional frame for prefix attention"
+            if cond_len.is_cuda:
+                torch._assert_async((cond_len >= 1).all(), message)
+            elif bool((cond_len < 1).any()):
+                raise ValueError(message)
             back = torch.arange(self.config.prefix_frames, device=x.device)
             prefix_index = (cond_len[:, None] - 1 - back).clamp(min=0)  # (B, P)
         p = _Pass(
@@ -252,8 +256,12 @@ class CausalSTDiT(nn.Module):
 
     def _tpe(self, start: Tensor | int, batch: int, num_frames: int, device: torch.device) -> Tensor:
         """(B, T, C) cyclic temporal position embedding for frames start .. start+T-1."""
-        start_t = torch.as_tensor(start, device=device).reshape(-1).expand(batch)
-        idx = (start_t[:, None] + torch.arange(num_frames, device=device)) % self.config.max_tpe_len
+        frames = torch.arange(num_frames, device=device)
+        if isinstance(start, int):  # no host-to-device copy (a stream sync) for a Python offset
+            idx = ((frames + start) % self.config.max_tpe_len).expand(batch, num_frames)
+        else:
+            start_t = torch.as_tensor(start, device=device).reshape(-1).expand(batch)
+            idx = (start_t[:, None] + frames) % self.config.max_tpe_len
         return self.pos_embed_temporal[0, idx]
 
     def _run(self, x: Tensor, t: Tensor, p: _Pass, y: Tensor | None, y_mask: Tensor | None) -> Tensor:

@@ -108,10 +108,10 @@ def training_step_inputs(clips: torch.Tensor, prefix: int, chunk: int, diffusion
     length = prefix + chunk
     start = int(torch.randint(0, t_total - length + 1, (1,), generator=gen))
     x0 = clips[:, :, start : start + length]
-    t_noise = torch.randint(0, diffusion.num_steps, (b,), generator=gen).to(dev)
+    noise_gen = noise_gen or gen  # per-sample draws on the device: a host-to-device copy would sync the stream
+    t_noise = torch.randint(0, diffusion.num_steps, (b,), generator=noise_gen, device=noise_gen.device).to(dev)
     t = torch.zeros(b, length, dtype=torch.long, device=dev)
     t[:, prefix:] = t_noise[:, None]
-    noise_gen = noise_gen or gen
     noise = torch.randn(x0.shape, generator=noise_gen, device=noise_gen.device).to(dev)
     x_t = diffusion.q_sample(x0, t, noise)
     if cfg.prefix_perturb_t > 0:  # the prefix as the model will see it at inference: slightly noised, labelled t=0
@@ -212,11 +212,28 @@ class Trainer:
         while True:
             yield from self.loader
 
+    def optimise(self, clips: torch.Tensor, prefix: int) -> tuple[dict, torch.Tensor]:
+        """One optimisation step on clips (B, C, T, H, W) in [-1, 1] with `prefix` conditional frames; returns the
+        loss terms and the gradient norm as device tensors. Nothing in it waits for the GPU."""
+        cfg, pipe = self.cfg, self.pipe
+        inputs = training_step_inputs(clips, prefix, pipe.chunk_frames, self.diffusion, cfg, pipe.model.max_tpe_len,
+                                      self.gen, self.noise_gen)  # fmt: skip
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.forward(inputs["x_t"], inputs["t"], inputs["cond"], tpe_start=inputs["tpe_start"])
+        mask = (1 - inputs["cond"])[:, None, :, None, None]
+        terms = self.diffusion.losses(out, inputs["x0"], inputs["x_t"], inputs["t"], inputs["noise"], mask)
+        self.opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self._ema_params, self._params, 1 - ema_decay_at(self.step, cfg.ema_decay))
+        return terms, grad_norm
+
     def train(self) -> list[dict]:
         cfg, pipe = self.cfg, self.pipe
         prefixes = prefix_lengths(pipe)
         rng = random.Random(cfg.seed + self.step)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         batches = self._batches()
         started = time.perf_counter()
         data_wait = 0.0  # seconds spent waiting for batches (a data-bound run shows it growing with `seconds`)
@@ -232,18 +249,7 @@ class Trainer:
                 waited = time.perf_counter()
                 clips = to_model_range(next(batches).to(self.device, non_blocking=True))
                 data_wait += time.perf_counter() - waited
-                inputs = training_step_inputs(clips, rng.choice(prefixes), pipe.chunk_frames, self.diffusion, cfg,
-                                              pipe.model.max_tpe_len, self.gen, self.noise_gen)  # fmt: skip
-                with autocast:
-                    out = self.forward(inputs["x_t"], inputs["t"], inputs["cond"], tpe_start=inputs["tpe_start"])
-                mask = (1 - inputs["cond"])[:, None, :, None, None]
-                terms = self.diffusion.losses(out, inputs["x0"], inputs["x_t"], inputs["t"], inputs["noise"], mask)
-                self.opt.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.opt.step()
-                with torch.no_grad():
-                    torch._foreach_lerp_(self._ema_params, self._params, 1 - ema_decay_at(self.step, cfg.ema_decay))
+                terms, grad_norm = self.optimise(clips, rng.choice(prefixes))
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     row = {"step": self.step, **{k: float(v.detach()) for k, v in terms.items()},

@@ -13,7 +13,14 @@ from server.model.config import ModelConfig, PipelineConfig, get_preset
 from server.model.loader import load_pipeline
 from server.model.stdit import CausalSTDiT
 from server.train.losses import TrainingDiffusion
-from server.train.trainer import TrainConfig, Trainer, init_for_training, prefix_lengths, training_step_inputs
+from server.train.trainer import (
+    TrainConfig,
+    Trainer,
+    init_for_training,
+    prefix_lengths,
+    to_model_range,
+    training_step_inputs,
+)
 from server.train.video_folder import VideoFolderDataset
 
 PIPE = PipelineConfig(model=ModelConfig(input_size=(8, 8, 8), in_channels=3, hidden_size=32, depth=2, num_heads=2),
@@ -213,3 +220,19 @@ def test_ema_follows_the_warmed_up_decay(tmp_path):
     assert changed
     for k in changed:  # decay at step 0 is 1/10: the EMA moves 90% of the way
         assert torch.allclose(ema[k], before[k] + 0.9 * (after[k] - before[k]), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation only exists with a GPU")
+def test_an_optimisation_step_never_waits_for_the_gpu(tmp_path):
+    """A sync per step stops the CPU from queueing the next kernels while the GPU works (bound check, scalar
+    copies to the device, ...): CUDA's sync debug mode turns each into an error."""
+    trainer = Trainer(PIPE, TrainConfig(steps=1, batch_size=2), MovingBars(), tmp_path, device="cuda")
+    clips = to_model_range(next(iter(trainer.loader)).to("cuda"))
+    trainer.optimise(clips, 1)  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for prefix in prefix_lengths(PIPE):
+            trainer.optimise(clips, prefix)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
