@@ -48,10 +48,10 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def default_dtype(device: torch.device, config: PipelineConfig | None = None) -> torch.dtype:
+def default_dtype(device: torch.device, config: PipelineConfig) -> torch.dtype:
     """bf16 on CUDA, except pixel-space models: their epsilon must resolve x0 * sqrt(alpha_bar) ~ 0.006 near
     t = T, below bf16's resolution (and they are small); fp32 on the CPU."""
-    if device.type != "cuda" or (config is not None and config.codec == "pixel"):
+    if device.type != "cuda" or config.codec == "pixel":
         return torch.float32
     return torch.bfloat16
 

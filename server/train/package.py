@@ -11,16 +11,21 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from server.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_model_dir
+from server.model.config import PipelineConfig
+from server.model.stdit import CausalSTDiT
 
 MAX_WEIGHT_BYTES = 20_000_000  # the package's budget for the default model
 CARD_FILE = "MODEL_CARD.md"
 SHEET_FILE = "samples.png"
 
 
-def _param_count(model_dir: Path) -> int:
-    _, state = read_model_dir(model_dir)
-    return sum(v.numel() for k, v in state.items() if k not in ("pos_embed", "pos_embed_temporal"))
+def _param_count(config: PipelineConfig) -> int:
+    """Trainable parameters (the weights file also holds buffers: position tables, the <BOV> frame)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in CausalSTDiT(config.model).parameters())
 
 
 def _eval_table(trained: dict, random: dict | None, chunk: int) -> list[str]:
@@ -41,7 +46,7 @@ def _eval_table(trained: dict, random: dict | None, chunk: int) -> list[str]:
 def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, trained: dict,
                random: dict | None = None, sheet: str | None = None) -> str:  # fmt: skip
     """Markdown model card. `runs`: [{"command", "steps", "minutes", "history": [...]}] in training order."""
-    config, _ = read_model_dir(model_dir)
+    config, _ = read_model_dir(model_dir)  # validates the directory too
     mc = config.model
     steps = sum(r["steps"] for r in runs)
     minutes = sum(r["minutes"] for r in runs)
@@ -56,7 +61,7 @@ def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, train
         f"- {mc.input_size[1]}×{mc.input_size[2]} RGB, {config.codec} space; patch {'×'.join(map(str, mc.patch_size))},"
         f" hidden {mc.hidden_size}, depth {mc.depth}, {mc.num_heads} heads, prefix attention over {mc.prefix_frames}"
         f" frames, temporal positions {mc.max_tpe_len} (cyclic)",
-        f"- {_param_count(model_dir) / 1e6:.2f} M parameters, {size / 1e6:.1f} MB ({WEIGHTS_FILE}, EMA weights)",
+        f"- {_param_count(config) / 1e6:.2f} M parameters, {size / 1e6:.1f} MB ({WEIGHTS_FILE}, EMA weights)",
         f"- generation: {config.chunk_frames}-frame chunks, {config.max_cache_frames}-frame cache queue,"
         f" {config.fps} fps, cached frames perturbed to t_p = {config.prefix_perturb_t},"
         f" default sampler {config.default_sampler} with {config.default_steps} steps",
