@@ -7,7 +7,8 @@
 # 30 AR steps (240 frames) of the trained EMA weights and of random weights against the ground truth.
 # OUT_DIR/run/model is the servable model; OUT_DIR/eval_*.json the scores, OUT_DIR/sheet_*.png truth above generated
 # frames; OUT_DIR/train.log the log.
-# INIT_FROM=DIR continues from a model directory's weights (fresh optimiser); EVAL=0 skips the evaluation.
+# INIT_FROM=DIR continues from a model directory's weights (fresh optimiser); COMPILE=1 trains under torch.compile;
+# EVAL=0 skips the evaluation.
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR [MINUTES]}
 minutes=${2:-6.5}
@@ -16,6 +17,7 @@ mkdir -p "$out"
 workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
 init=()
 if [[ -n ${INIT_FROM:-} ]]; then init=(--init-from "$INIT_FROM"); fi
+if [[ ${COMPILE:-0} == 1 ]]; then init+=(--compile); fi
 
 $ca2vdm train --preset small --data sprites --seed "${SEED:-0}" --steps 1000000 --max-minutes "$minutes" \
   --batch-size 128 --lr 3e-4 --warmup-steps 500 --ema-decay 0.999 --num-workers "$workers" \

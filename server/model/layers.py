@@ -131,12 +131,14 @@ class AttentionProj(nn.Module):
         return self.proj(attention(q, k, v))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """q (N, Lq, H, D), k/v (N, Lk, H, D), boolean mask broadcastable to (N, H, Lq, Lk) (True = attend).
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """q (N, Lq, H, D), k/v (N, Lk, H, D), boolean mask broadcastable to (N, H, Lq, Lk) (True = attend), or
+    `causal` (query i sees keys <= i; no mask tensor, so a flash kernel can run it).
 
     Returns (N, Lq, H*D). Softmax scale 1/sqrt(D).
     """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return out.transpose(1, 2).flatten(2)
 
 

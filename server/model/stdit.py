@@ -56,7 +56,7 @@ class _Pass:
     cache: KVCache | None = None
     y: Tensor | None = None  # (B, N_tok, C) embedded captions
     y_mask: Tensor | None = None  # (B, N_tok)
-    temporal_mask: Tensor | None = None  # full mode: (T, T) boolean, True = attend
+    temporal_mask: Tensor | None = None  # full mode: (T, T) boolean, True = attend; None: causal
     prefix_index: Tensor | None = None  # full mode: (B, P) frame indices of each sample's prefix frames
 
 
@@ -101,7 +101,7 @@ class CausalSTDiTBlock(nn.Module):
         q, k, v = (z.transpose(1, 2) for z in self.attn_temp.split_qkv(h))  # (B, S, T, H, D) views
         if p.mode == "full":
             qf, kf, vf = (z.reshape(b * s, t, *z.shape[-2:]) for z in (q, k, v))
-            out = attention(qf, kf, vf, p.temporal_mask).view(b, s, t, c)
+            out = attention(qf, kf, vf, p.temporal_mask, causal=p.temporal_mask is None).view(b, s, t, c)
         else:
             assert p.cache is not None
             out = p.cache.attend_temporal(self.index, q, k, v)
@@ -190,13 +190,12 @@ class CausalSTDiT(nn.Module):
     ) -> Tensor:
         """Recompute pass. x (B, C, T, H, W); t (B, T) or (B,); cond_mask (B, T) (or the reference's
         (B, 1, T, 1, 1)) with 1 on the conditional frames, which come first. `temporal_mask` (T, T)
-        overrides the causal mask (True = attend). Returns (B, 2C, T, H, W) float32: epsilon | variance.
+        overrides the causal mask (True = attend). `tpe_start` offsets the cyclic temporal positions (an int, or
+        a (B,) tensor: one offset per sample). Returns (B, 2C, T, H, W) float32: epsilon | variance.
         """
         b, _, t_len = x.shape[:3]
         cond = cond_mask.reshape(b, t_len).to(torch.float32)
         t = t.reshape(b, -1).expand(b, t_len) if t.dim() == 2 else t[:, None].expand(b, t_len)
-        if temporal_mask is None:
-            temporal_mask = torch.ones(t_len, t_len, dtype=torch.bool, device=x.device).tril()
         prefix_index = None
         if self.config.prefix_frames > 0:
             cond_len = cond.sum(dim=1).long()  # (B,)

@@ -4,7 +4,7 @@ Each step picks a prefix length P from {1, 1 + l, ..., P_max} (l = chunk length)
 each clip, keeps the prefix clean (timestep 0, mask channel 1; optionally perturbed to t_p, as at inference),
 noises the l target frames at one random timestep per sample, and trains epsilon (L_simple) and the
 learned variance (L_vlb) on the targets only. When P + l reaches max_tpe_len the temporal position index
-starts at a random offset, so the model has seen the cyclic wrap it meets in long generations.
+starts at a random offset per sample, so the model has seen the cyclic wrap it meets in long generations.
 AdamW, bf16 autocast on CUDA, gradient clipping, EMA weights; checkpoints hold everything needed to resume,
 and the EMA weights are also written as a servable model directory.
 """
@@ -124,7 +124,9 @@ def training_step_inputs(clips: torch.Tensor, prefix: int, chunk: int, diffusion
         x_t[:, :, :prefix] = x0[:, :, :prefix]
     cond = torch.zeros(b, length, device=dev)
     cond[:, :prefix] = 1
-    tpe_start = int(torch.randint(0, max_tpe_len, (1,), generator=gen)) if length >= max_tpe_len else 0
+    tpe_start: torch.Tensor | int = 0  # per-sample offsets, drawn on the device (an int would recompile under compile)
+    if length >= max_tpe_len:
+        tpe_start = torch.randint(0, max_tpe_len, (b,), generator=noise_gen, device=noise_gen.device).to(dev)
     return {"x0": x0, "x_t": x_t, "t": t, "noise": noise, "cond": cond, "tpe_start": tpe_start}
 
 
@@ -151,7 +153,8 @@ class Trainer:
         self.device = torch.device(device)
         self.model = init_for_training(CausalSTDiT(pipe.model), cfg.seed).to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        # one graph per prefix length (4 shapes); dynamic shapes would trade speed for fewer compilations
+        self.forward = torch.compile(self.model, dynamic=False) if cfg.compile else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type == "cuda")  # fmt: skip
         self._ema_params, self._params = list(self.ema.parameters()), list(self.model.parameters())

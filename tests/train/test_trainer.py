@@ -85,8 +85,11 @@ def test_step_inputs_follow_the_recipe():
         assert not torch.equal(inp["x_t"][:, :, prefix:], inp["x0"][:, :, prefix:])
         if prefix + 8 < 33:
             assert inp["tpe_start"] == 0
-    starts = {training_step_inputs(clips, 25, 8, diffusion, TrainConfig(), 33, gen)["tpe_start"] for _ in range(20)}
-    assert len(starts) > 3  # random cyclic offsets once the clip fills the position table
+    starts = training_step_inputs(clips, 25, 8, diffusion, TrainConfig(), 33, gen)["tpe_start"]
+    assert starts.shape == (clips.shape[0],) and starts.min() >= 0 and starts.max() < 33
+    draws = torch.cat([training_step_inputs(clips, 25, 8, diffusion, TrainConfig(), 33, gen)["tpe_start"]
+                       for _ in range(10)])  # fmt: skip
+    assert len(draws.unique()) > 3  # random cyclic offsets, per sample, once the clip fills the position table
 
 
 def test_training_init_outputs_zero():
@@ -199,13 +202,13 @@ def test_init_from_a_model_directory(tmp_path):
 def test_compile_wraps_only_the_training_forward(tmp_path, monkeypatch):
     compiled = []
 
-    def fake_compile(module):
-        compiled.append(module)
+    def fake_compile(module, **options):
+        compiled.append((module, options))
         return module.forward  # a different callable standing in for the compiled module
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     trainer = Trainer(PIPE, TrainConfig(steps=2, batch_size=2, compile=True, ckpt_every=2), MovingBars(), tmp_path)
-    assert compiled == [trainer.model] and trainer.forward is not trainer.model
+    assert compiled == [(trainer.model, {"dynamic": False})] and trainer.forward is not trainer.model
     trainer.train()
     state = torch.load(tmp_path / "trainer.pt", weights_only=False)
     assert set(state["model"]) == set(trainer.ema.state_dict())  # plain module names, loadable by resume
