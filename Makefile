@@ -11,9 +11,9 @@ TORCH_INDEX_URL ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ca2vdm-installed
 
-# Until the packaged default model lands (its own issue), `make serve` runs random weights: the pipeline is real,
-# the video is noise. Pass MODEL=DIR, MODEL=ckpt.pt PRESET=XL/2, or MODEL= (empty) for the packaged model.
-MODEL ?= random:tiny
+# Empty MODEL serves the packaged default model (server/weights/default, 32x32 sprites); pass MODEL=DIR,
+# MODEL=ckpt.pt PRESET=XL/2, or MODEL=random:PRESET (random weights: the real pipeline, noise for video).
+MODEL ?=
 PRESET ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000

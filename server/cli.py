@@ -192,7 +192,7 @@ def _cmd_package(args: argparse.Namespace) -> int:
     from .train.package import package_from_files
 
     out = package_from_files(args.model_dir, args.out, args.runs, args.eval, args.random_eval, args.data, args.card,
-                             args.sheet)  # fmt: skip
+                             args.sheet, args.limitations)  # fmt: skip
     print(f"packaged {args.model_dir} into {out}")
     return 0
 
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     pkg.add_argument("--data", default="procedural sprites (server/train/sprites.py), 33-frame clips")
     pkg.add_argument("--card", required=True, help="the accelerator it was trained on")
     pkg.add_argument("--sheet", default=None, help="the PNG of ca2vdm eval --sheet, shown in the card")
+    pkg.add_argument("--limitations", default=None, help="what the weights cannot do yet (a card section)")
     pkg.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights" / "default"))
     pkg.set_defaults(func=_cmd_package)
 

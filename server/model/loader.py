@@ -67,6 +67,7 @@ def load_pipeline(
 ) -> Pipeline:
     """Build the pipeline for `spec` on `device` (bf16 on CUDA, fp32 on CPU unless `dtype` is given)."""
     dev = resolve_device(device)
+    name = spec or "default"  # what /v1/models and the logs call it
     if spec is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise FileNotFoundError(
@@ -76,8 +77,7 @@ def load_pipeline(
         spec = str(DEFAULT_MODEL_DIR)
 
     if spec.startswith("random:"):
-        name = spec.split(":", 1)[1]
-        config = get_preset(name)
+        config = get_preset(spec.split(":", 1)[1])
         # std 0.3/sqrt(fan_in): a deep random network at 1/sqrt(fan_in) is chaotic (its latents explode and
         # attention saturates, amplifying float rounding 100x per chunk); 0.3 keeps runs numerically tame
         model = CausalSTDiT(config.model).randomize_(seed, std_scale=0.3)
@@ -112,4 +112,4 @@ def load_pipeline(
     dtype = dtype or default_dtype(dev, config)
     model = model.to(device=dev, dtype=dtype).eval().requires_grad_(False)
     codec = codec.to(dev, dtype)
-    return Pipeline(name=spec, config=config, model=model, codec=codec, device=dev)
+    return Pipeline(name=name, config=config, model=model, codec=codec, device=dev)

@@ -43,9 +43,10 @@ def _eval_table(trained: dict, random: dict | None, chunk: int) -> list[str]:
     return rows
 
 
-def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, trained: dict,
-               random: dict | None = None, sheet: str | None = None) -> str:  # fmt: skip
-    """Markdown model card. `runs`: [{"command", "steps", "minutes", "history": [...]}] in training order."""
+def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, trained: dict, random: dict | None = None,
+               sheet: str | None = None, limitations: str | None = None) -> str:  # fmt: skip
+    """Markdown model card. `runs`: [{"command", "steps", "minutes", "history": [...]}] in training order;
+    `limitations`: what the weights cannot do yet, in the packager's words."""
     config, _ = read_model_dir(model_dir)  # validates the directory too
     mc = config.model
     steps = sum(r["steps"] for r in runs)
@@ -68,7 +69,7 @@ def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, train
         "",
         "## Training",
         f"- card: {card}; {steps:,} steps in {minutes:.1f} min"
-        + (f"; final epsilon-MSE {last['mse']:.4f}, L_vlb {last['vb']:.4f}" if last else ""),
+        + (f"; last logged batch: epsilon-MSE {last['mse']:.4f}, L_vlb {last['vb']:.4f}" if last else ""),
         "- commands, in order (each later run starts from the previous run's EMA weights):",
         "",
     ]
@@ -76,6 +77,7 @@ def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, train
         lines.append(f"  - `{r['command']}` — {r['steps']:,} steps, {r['minutes']:.1f} min")
     lines += [
         "",
+        *(["## Limitations", limitations, ""] if limitations else []),
         "## Evaluation",
         f"`ca2vdm eval`: {len(trained['seeds'])} ground-truth videos (seeds {trained['seeds'][0]}…); the model"
         f" continues each from its first frame for {trained['ar_steps']} AR steps with {trained['sampler']}"
@@ -95,7 +97,7 @@ def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, train
 
 
 def package(model_dir: str | Path, out_dir: str | Path, *, runs: list[dict], data: str, card: str, trained: dict,
-            random: dict | None = None, sheet: str | Path | None = None,
+            random: dict | None = None, sheet: str | Path | None = None, limitations: str | None = None,
             max_bytes: int = MAX_WEIGHT_BYTES) -> Path:  # fmt: skip
     """Copy config + weights (+ the eval's contact sheet) to `out_dir` and write the card; refuses weights over
     `max_bytes`."""
@@ -104,7 +106,7 @@ def package(model_dir: str | Path, out_dir: str | Path, *, runs: list[dict], dat
     if size > max_bytes:
         raise ValueError(f"{src / WEIGHTS_FILE} is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB budget")
     text = model_card(src, runs=runs, data=data, card=card, trained=trained, random=random,
-                      sheet=SHEET_FILE if sheet else None)  # fmt: skip
+                      sheet=SHEET_FILE if sheet else None, limitations=limitations)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         shutil.copyfile(src / name, out / name)
@@ -115,7 +117,8 @@ def package(model_dir: str | Path, out_dir: str | Path, *, runs: list[dict], dat
 
 
 def package_from_files(model_dir: str, out_dir: str, runs_file: str, eval_file: str, random_eval_file: str | None,
-                       data: str, card: str, sheet: str | None = None) -> Path:  # fmt: skip
+                       data: str, card: str, sheet: str | None = None,
+                       limitations: str | None = None) -> Path:  # fmt: skip
     """The CLI's entry: `runs_file` is a JSON list of runs ({command, steps, minutes, history_file?})."""
     runs = json.loads(Path(runs_file).read_text())
     for r in runs:
@@ -123,4 +126,14 @@ def package_from_files(model_dir: str, out_dir: str, runs_file: str, eval_file: 
             r["history"] = json.loads(Path(r.pop("history_file")).read_text())
     trained = json.loads(Path(eval_file).read_text())
     random = json.loads(Path(random_eval_file).read_text()) if random_eval_file else None
-    return package(model_dir, out_dir, runs=runs, data=data, card=card, trained=trained, random=random, sheet=sheet)
+    return package(
+        model_dir,
+        out_dir,
+        runs=runs,
+        data=data,
+        card=card,
+        trained=trained,
+        random=random,
+        sheet=sheet,
+        limitations=limitations,
+    )

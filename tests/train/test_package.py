@@ -64,6 +64,7 @@ def test_package_cli(trained, tmp_path):
     (tmp_path / "sheet.png").write_bytes(b"png")
     rc = main(["package", str(run / "model"), "--runs", str(tmp_path / "runs.json"), "--eval", str(run / "eval.json"),
                "--random-eval", str(run / "random.json"), "--card", "CPU", "--out", str(tmp_path / "pkg"),
-               "--sheet", str(tmp_path / "sheet.png")])  # fmt: skip
+               "--sheet", str(tmp_path / "sheet.png"), "--limitations", "Sprites fade after 3 AR steps."])  # fmt: skip
     assert rc == 0 and (tmp_path / "pkg" / "samples.png").read_bytes() == b"png"
-    assert "](samples.png)" in (tmp_path / "pkg" / CARD_FILE).read_text()
+    card = (tmp_path / "pkg" / CARD_FILE).read_text()
+    assert "](samples.png)" in card and "## Limitations\nSprites fade after 3 AR steps." in card
