@@ -67,26 +67,32 @@ def table() -> str:
             "model_step_h100.json",
         )
     )
-    stream = _load("stream_small_cpu.json")
-    for key, label in (("one_session_with_image", "1 session"), ("four_sessions", "4 sessions")):
-        row = stream[key]
-        rows.append(
-            (
-                f"`small` preset streamed over the websocket on CPU, {label}: frames/s each (first clip p50)",
-                f"{row['frames_per_s_per_session_p50']:.1f} ({row['first_clip_s_p50']:.2f} s)",
-                stream["card"].split(",")[0],
-                "stream_small_cpu.json",
+    streams = {
+        "stream_default_cpu.json": (("one_session_with_image", "1 session"), ("four_sessions", "4 sessions")),
+        "stream_default_gpu.json": (("one_session_with_image", "1 session"), ("sixteen_sessions", "16 sessions")),
+    }
+    for name, keys in streams.items():
+        stream = _load(name)
+        for key, label in keys:
+            row = stream[key]
+            rows.append(
+                (
+                    f"default model streamed over the websocket, {label}: frames/s each (first clip p50)",
+                    f"{row['frames_per_s_per_session_p50']:.1f} ({row['first_clip_s_p50']:.2f} s)",
+                    stream["card"].split(",")[0].split(" (")[0],
+                    name,
+                )
             )
-        )
-    train = _load("train_small_sprites_h100.json")
+    train = _load("train_small_sprites_h200.json")
     ev = train["eval"]
-    steps = sum(run["steps"] for run in train["runs"] if run["in_final_weights"])
+    steps = 13_452 + sum(run["steps"] for run in train["runs"])  # the chain began in train_small_sprites_h100.json
     rows.append(
         (
-            f"`small` on sprites after {steps:,} steps: tracking score, 30 AR steps (truth / random weights)",
-            f"{ev['trained']['score']:.3f} ({ev['ground_truth_score']:.3f} / {ev['random']['score']:.3f})",
-            "NVIDIA H100 80GB HBM3",
-            "train_small_sprites_h100.json",
+            f"default model (`small`, {steps:,} steps on sprites): tracking score, 30 AR steps (truth / random)",
+            f"{ev['final_47396_steps']['score']:.3f} ({ev['final_47396_steps']['truth_score']:.3f} / "
+            f"{ev['random_weights']['score']:.3f})",
+            "NVIDIA H100 + H200",
+            "train_small_sprites_h200.json",
         )
     )
     lines = ["| " + " | ".join(r) + " |" for r in rows]
