@@ -85,7 +85,8 @@ def table() -> str:
             )
     train = _load("train_small_sprites_h200.json")
     ev = train["eval"]
-    steps = 13_452 + sum(run["steps"] for run in train["runs"])  # the chain began in train_small_sprites_h100.json
+    chain = _load("train_small_sprites_h100.json")["runs"] + train["runs"]  # the chain began on the H100
+    steps = sum(run["steps"] for run in chain if run["in_final_weights"])
     rows.append(
         (
             f"default model (`small`, {steps:,} steps on sprites): tracking score, 30 AR steps (truth / random)",

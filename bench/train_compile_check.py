@@ -18,7 +18,7 @@ from server.model.config import get_preset
 from server.model.stdit import CausalSTDiT
 from server.train.losses import TrainingDiffusion
 from server.train.sprites import SpritesConfig, SpritesDataset
-from server.train.trainer import TrainConfig, init_for_training, to_model_range, training_step_inputs
+from server.train.trainer import TrainConfig, init_for_training, step_loss, to_model_range, training_step_inputs
 
 
 def main() -> None:
@@ -42,10 +42,7 @@ def main() -> None:
 
     def step(fn, inp: dict) -> tuple[torch.Tensor, dict, dict]:
         model.zero_grad(set_to_none=True)
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            out = fn(inp["x_t"], inp["t"], inp["cond"], tpe_start=inp["tpe_start"])
-        mask = (1 - inp["cond"])[:, None, :, None, None]
-        terms = diffusion.losses(out, inp["x0"], inp["x_t"], inp["t"], inp["noise"], mask)
+        out, terms = step_loss(fn, diffusion, inp)  # the trainer's forward and loss, without the optimiser
         terms["loss"].backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         return out.detach(), {k: round(float(v), 6) for k, v in terms.items()}, grads

@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -115,11 +116,11 @@ def training_step_inputs(clips: torch.Tensor, prefix: int, chunk: int, diffusion
     noise = torch.randn(x0.shape, generator=noise_gen, device=noise_gen.device).to(dev)
     x_t = diffusion.q_sample(x0, t, noise)
     if cfg.prefix_perturb_t > 0:  # the prefix as the model will see it at inference: slightly noised, labelled t=0
-        tp = torch.full((b, length), cfg.prefix_perturb_t, dtype=torch.long, device=dev)
-        perturbed = diffusion.q_sample(
-            x0, tp, torch.randn(x0.shape, generator=noise_gen, device=noise_gen.device).to(dev)
+        clean = x0[:, :, :prefix]
+        tp = torch.full((b, prefix), cfg.prefix_perturb_t, dtype=torch.long, device=dev)
+        x_t[:, :, :prefix] = diffusion.q_sample(
+            clean, tp, torch.randn(clean.shape, generator=noise_gen, device=noise_gen.device).to(dev)
         )
-        x_t[:, :, :prefix] = perturbed[:, :, :prefix]
     else:
         x_t[:, :, :prefix] = x0[:, :, :prefix]
     cond = torch.zeros(b, length, device=dev)
@@ -128,6 +129,18 @@ def training_step_inputs(clips: torch.Tensor, prefix: int, chunk: int, diffusion
     if length >= max_tpe_len:
         tpe_start = torch.randint(0, max_tpe_len, (b,), generator=noise_gen, device=noise_gen.device).to(dev)
     return {"x0": x0, "x_t": x_t, "t": t, "noise": noise, "cond": cond, "tpe_start": tpe_start}
+
+
+def step_loss(
+    forward: Callable[..., torch.Tensor], diffusion: TrainingDiffusion, inputs: dict
+) -> tuple[torch.Tensor, dict]:
+    """The model output and loss terms of one step's inputs (`training_step_inputs`); `forward` is the model or its
+    compiled wrapper. bf16 autocast on CUDA; the loss covers the noisy (non-conditional) frames only."""
+    on_cuda = inputs["x_t"].is_cuda
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+        out = forward(inputs["x_t"], inputs["t"], inputs["cond"], tpe_start=inputs["tpe_start"])
+    mask = (1 - inputs["cond"])[:, None, :, None, None]
+    return out, diffusion.losses(out, inputs["x0"], inputs["x_t"], inputs["t"], inputs["noise"], mask)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -169,6 +182,7 @@ class Trainer:
         self.noise_gen = torch.Generator(self.device).manual_seed(cfg.seed + 2)
         self.step = 0
         self.history: list[dict] = []
+        self._batch_iter = None  # one stream of batches across train() calls (workers keep prefetching)
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
@@ -215,16 +229,18 @@ class Trainer:
         while True:
             yield from self.loader
 
+    def _next_batch(self) -> torch.Tensor:
+        if self._batch_iter is None:
+            self._batch_iter = self._batches()
+        return next(self._batch_iter)
+
     def optimise(self, clips: torch.Tensor, prefix: int) -> tuple[dict, torch.Tensor]:
         """One optimisation step on clips (B, C, T, H, W) in [-1, 1] with `prefix` conditional frames; returns the
         loss terms and the gradient norm as device tensors. Nothing in it waits for the GPU."""
         cfg, pipe = self.cfg, self.pipe
         inputs = training_step_inputs(clips, prefix, pipe.chunk_frames, self.diffusion, cfg, pipe.model.max_tpe_len,
                                       self.gen, self.noise_gen)  # fmt: skip
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.forward(inputs["x_t"], inputs["t"], inputs["cond"], tpe_start=inputs["tpe_start"])
-        mask = (1 - inputs["cond"])[:, None, :, None, None]
-        terms = self.diffusion.losses(out, inputs["x0"], inputs["x_t"], inputs["t"], inputs["noise"], mask)
+        _, terms = step_loss(self.forward, self.diffusion, inputs)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -237,7 +253,6 @@ class Trainer:
         cfg, pipe = self.cfg, self.pipe
         prefixes = prefix_lengths(pipe)
         rng = random.Random(cfg.seed + self.step)
-        batches = self._batches()
         started = time.perf_counter()
         data_wait = 0.0  # seconds spent waiting for batches (a data-bound run shows it growing with `seconds`)
         with tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step") as bar:
@@ -250,7 +265,7 @@ class Trainer:
                     for group in self.opt.param_groups:
                         group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
                 waited = time.perf_counter()
-                clips = to_model_range(next(batches).to(self.device, non_blocking=True))
+                clips = to_model_range(self._next_batch().to(self.device, non_blocking=True))
                 data_wait += time.perf_counter() - waited
                 terms, grad_norm = self.optimise(clips, rng.choice(prefixes))
                 self.step += 1

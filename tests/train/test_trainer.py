@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -239,3 +240,21 @@ def test_an_optimisation_step_never_waits_for_the_gpu(tmp_path):
             trainer.optimise(clips, prefix)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_train_calls_continue_one_stream_of_batches(tmp_path):
+    # a second train() (the profiler's timed chunks, a resumed budget) keeps the loader's iterator and its prefetch
+    trainer = Trainer(PIPE, TrainConfig(steps=1, batch_size=2, ckpt_every=10), MovingBars(), tmp_path)
+    starts = []
+    loader = trainer.loader
+
+    class Counting:
+        def __iter__(self):
+            starts.append(1)
+            return iter(loader)
+
+    trainer.loader = Counting()
+    trainer.train()
+    trainer.cfg = replace(trainer.cfg, steps=3)
+    trainer.train()
+    assert trainer.step == 3 and len(starts) == 1
