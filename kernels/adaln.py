@@ -16,10 +16,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .fp8 import FP8, Fp8Rows, emulate_rounding, quantize_rows_reference, row_scale, to_e4m3
+
 
 @triton.jit
-def _modulated_norm_kernel(X, Shift, Scale, Out, tokens_per_frame, C, stride_x, stride_o, stride_m, eps,
-                           BLOCK_C: tl.constexpr):  # fmt: skip
+def _modulated_norm_kernel(X, Shift, Scale, Out, OutScale, tokens_per_frame, C, stride_x, stride_o, stride_m, eps,
+                           QUANT: tl.constexpr, EMULATE: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     frame = row // tokens_per_frame
     offs = tl.arange(0, BLOCK_C)
@@ -31,20 +33,31 @@ def _modulated_norm_kernel(X, Shift, Scale, Out, tokens_per_frame, C, stride_x, 
     shift = tl.load(Shift + frame * stride_m + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(Scale + frame * stride_m + offs, mask=mask, other=0.0).to(tl.float32)
     out = diff * rstd * (1.0 + scale) + shift
-    tl.store(Out + row * stride_o + offs, out.to(Out.dtype.element_ty), mask=mask)
+    if QUANT:  # e4m3 with a per-row scale, for a float8 linear (kernels/fp8.py); masked lanes hold 0
+        out_scale, inv = row_scale(out)
+        tl.store(OutScale + row, out_scale)
+        tl.store(Out + row * stride_o + offs, to_e4m3(out * inv, Out, EMULATE), mask=mask)
+    else:
+        tl.store(Out + row * stride_o + offs, out.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gated_add_kernel(X, Gate, Y, Out, tokens_per_frame, C, stride_x, stride_y, stride_o, stride_m,
-                      BLOCK_C: tl.constexpr):  # fmt: skip
+def _gated_add_kernel(X, Gate, Y, Out, QOut, QScale, tokens_per_frame, C, stride_x, stride_y, stride_o, stride_m,
+                      QUANT: tl.constexpr, EMULATE: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     frame = row // tokens_per_frame
     offs = tl.arange(0, BLOCK_C)
     mask = offs < C
-    x = tl.load(X + row * stride_x + offs, mask=mask).to(tl.float32)
-    y = tl.load(Y + row * stride_y + offs, mask=mask).to(tl.float32)
-    g = tl.load(Gate + frame * stride_m + offs, mask=mask).to(tl.float32)
-    tl.store(Out + row * stride_o + offs, (x + g * y).to(Out.dtype.element_ty), mask=mask)
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + row * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(Gate + frame * stride_m + offs, mask=mask, other=0.0).to(tl.float32)
+    out = (x + g * y).to(Out.dtype.element_ty)
+    tl.store(Out + row * stride_o + offs, out, mask=mask)
+    if QUANT:  # also the e4m3 rows of the (rounded) result, which the next float8 linear reads
+        out = out.to(tl.float32)
+        q_scale, inv = row_scale(out)
+        tl.store(QScale + row, q_scale)
+        tl.store(QOut + row * C + offs, to_e4m3(out * inv, QOut, EMULATE), mask=mask)
 
 
 def _rows(t: Tensor) -> int | None:
@@ -68,10 +81,11 @@ def _differentiating(*tensors: Tensor) -> bool:
 
 
 def modulated_norm(
-    x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, use_triton: bool | None = None
-) -> Tensor:
+    x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, use_triton: bool | None = None, quantize: bool = False
+) -> Tensor | Fp8Rows:
     """LayerNorm(x) (no affine) * (1 + scale) + shift. x (B, T, S, C); shift, scale (B, T, 1, C).
-    Triton on CUDA by default (`use_triton`), the torch reference otherwise, for other layouts or in training."""
+    Triton on CUDA by default (`use_triton`), the torch reference otherwise, for other layouts or in training.
+    `quantize`: return the result as e4m3 rows with per-row scales (computed from the fp32 values)."""
     b, f, s, c = x.shape
     sx, sm = _rows(x), _mod_rows(shift, b, f)
     if (
@@ -81,16 +95,27 @@ def modulated_norm(
         or not (x.is_cuda if use_triton is None else use_triton)
         or _differentiating(x, shift, scale)
     ):
+        if quantize:
+            return quantize_rows_reference(modulated_norm_reference(x.float(), shift.float(), scale.float(), eps))
         return modulated_norm_reference(x, shift, scale, eps)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _modulated_norm_kernel[(b * f * s,)](
-        x, shift, scale, out, s, c, sx, c, sm, eps, BLOCK_C=triton.next_power_of_2(c), num_warps=4
-    )
-    return out
+    rows = b * f * s
+    if quantize:
+        out, out_scale = _fp8_rows(rows, c, x.device)
+    else:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out_scale = out  # unused
+    _modulated_norm_kernel[(rows,)](
+        x, shift, scale, out, out_scale, s, c, sx, c, sm, eps,
+        QUANT=quantize, EMULATE=emulate_rounding(), BLOCK_C=triton.next_power_of_2(c), num_warps=4,
+    )  # fmt: skip
+    return Fp8Rows(out, out_scale, (b, f, s)) if quantize else out
 
 
-def gated_add(x: Tensor, gate: Tensor, y: Tensor, use_triton: bool | None = None) -> Tensor:
-    """x + gate * y. x, y (B, T, S, C); gate (B, T, 1, C). Triton on CUDA by default, as above."""
+def gated_add(
+    x: Tensor, gate: Tensor, y: Tensor, use_triton: bool | None = None, quantize: bool = False
+) -> Tensor | tuple[Tensor, Fp8Rows]:
+    """x + gate * y. x, y (B, T, S, C); gate (B, T, 1, C). Triton on CUDA by default, as above.
+    `quantize`: also return the result as e4m3 rows (for a float8 linear that reads it)."""
     b, f, s, c = x.shape
     sx, sy, sm = _rows(x), _rows(y), _mod_rows(gate, b, f)
     if (
@@ -101,12 +126,19 @@ def gated_add(x: Tensor, gate: Tensor, y: Tensor, use_triton: bool | None = None
         or not (x.is_cuda if use_triton is None else use_triton)
         or _differentiating(x, gate, y)
     ):
-        return gated_add_reference(x, gate, y)
+        out = gated_add_reference(x, gate, y)
+        return (out, quantize_rows_reference(out)) if quantize else out
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    q, q_scale = (_fp8_rows(b * f * s, c, x.device)) if quantize else (out, out)
     _gated_add_kernel[(b * f * s,)](
-        x, gate, y, out, s, c, sx, sy, c, sm, BLOCK_C=triton.next_power_of_2(c), num_warps=4
-    )
-    return out
+        x, gate, y, out, q, q_scale, s, c, sx, sy, c, sm,
+        QUANT=quantize, EMULATE=emulate_rounding(), BLOCK_C=triton.next_power_of_2(c), num_warps=4,
+    )  # fmt: skip
+    return (out, Fp8Rows(q, q_scale, (b, f, s))) if quantize else out
+
+
+def _fp8_rows(rows: int, c: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    return torch.empty((rows, c), device=device, dtype=FP8), torch.empty((rows, 1), device=device, dtype=torch.float32)
 
 
 def modulated_norm_reference(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:

@@ -29,6 +29,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=_env("preset", None), help="preset of an official checkpoint: XL/2, B/2, tiny")
     p.add_argument("--vae", default=_env("vae", None), help="SD-VAE directory (diffusers layout) for latent models")
     p.add_argument("--device", default=_env("device", "auto"), choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default=_env("precision", "auto"), choices=["auto", "bf16", "fp8"],
+                   help="fp8: block linears in float8 e4m3 (GPUs of compute capability 8.9+, bf16 models)")  # fmt: skip
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -41,7 +43,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if args.frames < 1:
         raise ValueError("--frames must be >= 1")
-    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device)
+    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device, precision=args.precision)
     image = None
     if args.image is not None:
         image = load_image(args.image, size=pipe.frame_size)
@@ -167,7 +169,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .model.loader import load_pipeline
     from .train.evaluate import evaluate
 
-    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device)
+    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device, precision=args.precision)
     seeds = list(range(args.seed, args.seed + args.videos))
     result = evaluate(pipe, seeds=seeds, ar_steps=args.ar_steps, sampler=args.sampler, steps=args.steps,
                       keep_videos=3 if args.sheet else 0)  # fmt: skip

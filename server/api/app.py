@@ -33,7 +33,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pipe = pipeline or load_pipeline(settings.model, preset=settings.preset, vae=settings.vae,
-                                         device=settings.device)  # fmt: skip
+                                         device=settings.device, precision=settings.precision)  # fmt: skip
         config = SchedulerConfig(max_sessions=settings.max_sessions, max_batch=settings.max_batch,
                                  max_waiting=settings.max_waiting)  # fmt: skip
         engine = Engine(pipe, config).start()  # warm-up included: /readyz turns 200 after this

@@ -30,7 +30,7 @@ class EngineCollector:
         for outcome, n in stats.sessions_total.items():
             total.add_metric([outcome], n)
         yield total
-        yield GaugeMetricFamily("ca2vdm_cache_pages_total", "Pages in the K/V pool", value=e.runner.pool.num_pages)
+        yield GaugeMetricFamily("ca2vdm_cache_pages_total", "Pages in the K/V pool", value=e.runner.num_pages)
         yield GaugeMetricFamily("ca2vdm_cache_pages_free", "Free pages in the K/V pool", value=e.runner.num_free_pages)
         yield CounterMetricFamily("ca2vdm_frames_generated", "Frames handed to clients", value=stats.frames_generated)
         yield _histogram("ca2vdm_time_to_first_clip_seconds", "Submit to first clip", stats.time_to_first_clip_seconds)

@@ -15,6 +15,7 @@ class Settings(BaseSettings):
     preset: str | None = None
     vae: str | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto | bf16 | fp8 (the block linears in float8; see docs/engine.md)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     data_dir: Path = Path("ca2vdm-data")

@@ -23,6 +23,15 @@ from .block_manager import PageManager, StreamPages, WritePlan
 from .pool import KVPool
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without a stream synchronisation: a plain `.to("cuda")` from pageable memory
+    waits for every kernel queued before it, which would stop the host from preparing the next engine step
+    while the GPU runs this one. Staged through pinned memory and copied asynchronously instead."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class PagedKVCache(KVCache):
     """`backend`: "triton" (the paged kernels), "torch" (plain references), "auto" (triton on CUDA, torch on
     the CPU; tests run the kernels on the CPU with backend="triton" under TRITON_INTERPRET=1).
@@ -66,10 +75,11 @@ class PagedKVCache(KVCache):
             table[i, : st.num_cached] = torch.tensor(st.ring, dtype=torch.int32)
             if st.prefix:
                 prefix[i] = torch.tensor(st.prefix, dtype=torch.int32)
-        self.page_table = table.to(self.device)
-        self.prefix_table = prefix.to(self.device)
-        self.cache_lens = torch.tensor([st.num_cached for st in self.streams], dtype=torch.int32).to(self.device)
-        self._positions = torch.tensor([st.num_written for st in self.streams], dtype=torch.long).to(self.device)
+        self.page_table = to_device(table, self.device)
+        self.prefix_table = to_device(prefix, self.device)
+        lens = torch.tensor([st.num_cached for st in self.streams], dtype=torch.int32)
+        self.cache_lens = to_device(lens, self.device)
+        self._positions = to_device(torch.tensor([st.num_written for st in self.streams]), self.device)
 
     # ---- KVCache ----------------------------------------------------------------------------------------
 
@@ -103,8 +113,8 @@ class PagedKVCache(KVCache):
     def store(self, layer: int, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None) -> None:
         if self._plan is None:  # first layer of a write: choose pages (may raise OutOfPages, nothing written)
             self._plan = self.manager.plan_write(self.streams, k.shape[2])
-            self._new_pages = torch.tensor(self._plan.pages, dtype=torch.int32).to(self.device)
-            self._new_prefix = torch.tensor(self._plan.prefix_pages, dtype=torch.int32).to(self.device)
+            self._new_pages = to_device(torch.tensor(self._plan.pages, dtype=torch.int32), self.device)
+            self._new_prefix = to_device(torch.tensor(self._plan.prefix_pages, dtype=torch.int32), self.device)
         write = paged_write if self.backend == "triton" else paged_write_reference
         write(k.transpose(1, 2), v.transpose(1, 2), self.pool.temporal[layer], self._new_pages)  # (B, T, S, H, D)
         if self.prefix_frames:

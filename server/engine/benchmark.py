@@ -60,6 +60,16 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
+def fp8_matmul_tflops() -> float:
+    """The float8 (e4m3, row-wise scales) rate of an 8192^3 product, as the float8 linears run it."""
+    fp8 = torch.float8_e4m3fn
+    a, b = (torch.randn(8192, 8192, device="cuda").to(fp8) for _ in range(2))
+    sa, sb = torch.ones(8192, 1, device="cuda"), torch.ones(1, 8192, device="cuda")
+    ms = _timed_ms(lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                                            use_fast_accum=True), iters=10, warmup=3)  # fmt: skip
+    return 2 * 8192**3 / ms / 1e9
+
+
 def _stream_with_cache(pipe: Pipeline, pool: KVPool, pages: PageManager, batch: int, frames: int):
     cfg = pipe.config
     c, (h, w) = cfg.model.in_channels, cfg.model.input_size[1:]
@@ -210,7 +220,7 @@ async def _collect_frames(engine: Engine, params: list[SessionParams]) -> list[t
 
 
 def run_benchmarks(args) -> dict:
-    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device)
+    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device, precision=args.precision)
     result: dict = {
         "card": torch.cuda.get_device_name() if pipe.device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -220,6 +230,9 @@ def run_benchmarks(args) -> dict:
     }
     tflops = matmul_tflops()
     result["bf16_matmul_tflops"] = tflops
+    result["precision"] = args.precision
+    if args.precision == "fp8" and torch.cuda.is_available():
+        result["fp8_matmul_tflops"] = fp8_matmul_tflops()  # the floor stays FLOPs / the bf16 rate
     scenarios = args.scenarios.split(",")
     forward = forward_scenario(pipe, tflops)
     result["forward"] = forward

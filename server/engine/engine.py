@@ -150,8 +150,8 @@ class Engine:
 
     def start(self, warmup: bool = True) -> Engine:
         """Start the engine thread; with `warmup`, first capture the CUDA graphs of every batch bucket."""
-        if warmup and self.runner.graphs is not None:
-            self.runner.graphs.capture_all()
+        if warmup:
+            self.runner.capture_graphs()
         self._running = True
         self._thread.start()
         return self
@@ -272,13 +272,15 @@ class Engine:
         if done:
             counts = [self.runner.chunk_frames if s.frames_left is None else min(self.runner.chunk_frames,
                       s.frames_left) for s in done]  # fmt: skip
-            continues = [s.frames_left is None or s.frames_left > n for s, n in zip(done, counts, strict=True)]
-            clips = self.runner.finish_chunks(done, counts, continues)
+            continues = [s for s, n in zip(done, counts, strict=True) if s.frames_left is None or s.frames_left > n]
+            clips = self.runner.decode_chunks(done, counts)
             now = time.monotonic()
-            for s, frames in zip(done, clips, strict=True):
+            for s, frames in zip(done, clips, strict=True):  # out to the encoders before the cache write
                 gen_ms = (now - s.clip_started_at) * 1e3
                 s.clip_started_at = now
                 self._emit(s, frames, gen_ms)
+            if continues:
+                self.runner.continue_chunks(continues)
         self.stats.batch_size.observe(len(sessions))
         self.stats.denoise_step_seconds.observe(time.perf_counter() - start)
 

@@ -13,16 +13,24 @@ import torch
 from torch import Tensor
 
 from server.cache.block_manager import PageManager
-from server.cache.paged import PagedKVCache
+from server.cache.paged import PagedKVCache, to_device
 from server.cache.pool import KVPool
 from server.model.codecs import frames_to_uint8, uint8_to_frames
 from server.model.diffusion import Sampler
 from server.model.generate import perturb_for_cache
 from server.model.loader import Pipeline
 
-from .graphs import GraphedDenoiser
+from .graphs import GraphedDenoiser, GraphedWriter
 from .scheduler import SchedulerConfig
 from .session import Session
+
+
+def _rows(idx: list[int], device: torch.device) -> slice | Tensor:
+    """An index for rows `idx` that needs no synchronous host-to-device copy: a slice when they are
+    consecutive (one sampler for the whole batch, the usual case), else an asynchronously copied tensor."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx))
+    return to_device(torch.tensor(idx), device)
 
 
 class ModelRunner:
@@ -40,14 +48,33 @@ class ModelRunner:
         num_pages = config.max_sessions * cfg.max_cache_frames
         num_prefix = config.max_sessions * max(mc.prefix_frames, 1)
         dtype = next(self.model.parameters()).dtype
-        self.pool = KVPool(mc, num_pages, num_prefix, pipe.device, dtype)
+        # one spare page of each kind (the last ids), owned by no stream: padded rows of write graphs write there
+        self.pool = KVPool(mc, num_pages + 1, num_prefix + 1, pipe.device, dtype)
         self.pages = PageManager(num_pages, num_prefix, mc.prefix_frames)
         self._samplers: dict[tuple[str, int], tuple[Sampler, list[int]]] = {}
         self.graphs = None
+        self.writer = None
         if cuda_graphs and pipe.device.type == "cuda":
             self.graphs = GraphedDenoiser(
                 self.model, self.pool, self.pages, cfg.max_cache_frames, self.latent_shape, config.max_batch
             )
+            self.writer = GraphedWriter(
+                self.model, self.pool, self.pages, cfg.max_cache_frames, self.latent_shape, config.max_batch,
+                frame_counts=(1, cfg.chunk_frames), scratch=(num_pages, num_prefix), mempool=self.graphs.mempool,
+            )  # fmt: skip
+
+    def capture_graphs(self) -> None:
+        """Capture every CUDA graph now (server warm-up), so no session pays for a capture."""
+        if self.graphs is not None and self.writer is not None:
+            self.graphs.capture_all()
+            self.writer.capture_all()
+
+    def _write(self, sessions: list[Session], x: Tensor) -> None:
+        """Append clean chunks x (B, C, T, h, w) to the sessions' caches: one batched write forward."""
+        if self.writer is not None:
+            self.writer([s.pages for s in sessions], x)  # type: ignore[misc]
+        else:
+            self.model.write(self._cache(sessions), x)
 
     def _sampler(self, name: str, steps: int) -> tuple[Sampler, list[int]]:
         if (name, steps) not in self._samplers:
@@ -88,7 +115,7 @@ class ModelRunner:
                 for f, s in zip(firsts, sessions, strict=True)
             ]
         )
-        self.model.write(self._cache(sessions), x)
+        self._write(sessions, x)
         for s in sessions:
             self._new_chunk(s)
         return frame0
@@ -99,7 +126,7 @@ class ModelRunner:
         dev = self.pipe.device
         x = torch.cat([s.x for s in sessions])  # type: ignore[misc]
         timesteps = [self._sampler(s.params.sampler, s.params.steps)[1][s.k] for s in sessions]
-        t = torch.tensor(timesteps, device=dev)
+        t = to_device(torch.tensor(timesteps), dev)  # nothing in a step waits for the GPU
         if self.graphs is not None:
             out = self.graphs([s.pages for s in sessions], x, t)  # type: ignore[misc]
         else:
@@ -114,25 +141,28 @@ class ModelRunner:
             if sampler.needs_noise:
                 noise = torch.cat([torch.randn(x.shape[1:], generator=sessions[i].generator, device=dev)[None]
                                    for i in idx])  # fmt: skip
-            k = torch.tensor([sessions[i].k for i in idx], device=dev)
-            new_x = sampler.step(x[idx], out[idx], k, noise)
+            k = to_device(torch.tensor([sessions[i].k for i in idx]), dev)
+            rows = _rows(idx, dev)
+            new_x = sampler.step(x[rows], out[rows], k, noise)
             for j, i in enumerate(idx):
                 sessions[i].x = new_x[j : j + 1]
                 sessions[i].k -= 1
 
     @torch.no_grad()
-    def finish_chunks(self, sessions: list[Session], num_frames: list[int], continues: list[bool]) -> list[Tensor]:
-        """Decode each finished chunk's first `num_frames[i]` frames ((n, H, W, 3) uint8 on the CPU); write
-        the chunks of sessions that continue into their caches (one batched write) and start their next chunk."""
+    def decode_chunks(self, sessions: list[Session], num_frames: list[int]) -> list[Tensor]:
+        """Each finished chunk's first `num_frames[i]` frames, (n, H, W, 3) uint8 on the CPU (one batched decode)."""
         x = torch.cat([s.x for s in sessions])  # type: ignore[misc]
         frames = frames_to_uint8(self.pipe.codec.decode(x)).cpu()  # (B, T, H, W, 3)
-        writers = [s for s, c in zip(sessions, continues, strict=True) if c]
-        if writers:
-            clean = torch.cat([perturb_for_cache(s.x, s.sampler, self.perturb_t, s.generator) for s in writers])  # type: ignore[arg-type]
-            self.model.write(self._cache(writers), clean)
-            for s in writers:
-                self._new_chunk(s)
         return [frames[i, :n] for i, n in enumerate(num_frames)]
+
+    @torch.no_grad()
+    def continue_chunks(self, sessions: list[Session]) -> None:
+        """Write the finished chunks of sessions that go on into their caches (one batched write) and start
+        their next chunk."""
+        clean = torch.cat([perturb_for_cache(s.x, s.sampler, self.perturb_t, s.generator) for s in sessions])  # type: ignore[arg-type]
+        self._write(sessions, clean)
+        for s in sessions:
+            self._new_chunk(s)
 
     def release(self, session: Session) -> None:
         """Give the session's pages back to the pool and drop its tensors."""
@@ -141,6 +171,11 @@ class ModelRunner:
             session.pages = None
         session.x = None
         session.generator = None
+
+    @property
+    def num_pages(self) -> int:
+        """Temporal pages sessions can hold (the pool has one more: the write graphs' scratch page)."""
+        return self.pages.temporal.num_pages
 
     @property
     def num_free_pages(self) -> int:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.fp8 import Fp8Linear, Fp8Rows, quantize_rows
+
 # ---------------------------------------------------------------------------------------------------------
 # Fixed sin-cos position embeddings (computed in float64, stored as float32 buffers)
 # ---------------------------------------------------------------------------------------------------------
@@ -83,8 +85,32 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, out_dim or dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | Fp8Rows) -> Tensor:
+        if isinstance(self.fc1, Fp8Linear):  # GELU fused into the quantization of fc2's input
+            return self.fc2(quantize_rows(self.fc1(x), gelu=True))
+        assert isinstance(x, Tensor)
+        if _gelu_epilogue(x, self.fc1):  # GELU in the GEMM's epilogue: one pass fewer over the widest tensor
+            w = self.fc1.weight
+            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, w.shape[1]), w.t(), use_gelu=True)
+            return self.fc2(h.view(*x.shape[:-1], -1))
         return self.fc2(self.act(self.fc1(x)))
+
+
+GELU_EPILOGUE = True  # bench/precision.py turns it off to time the plain path in the same run
+
+
+def _gelu_epilogue(x: Tensor, fc: nn.Linear) -> bool:
+    """cuBLASLt's GELU epilogue is the tanh approximation this MLP uses (tests/kernels/test_fp8.py checks it on
+    GPUs); on the CPU `_addmm_activation` computes the erf GELU, and autograd and autocast (training) take the
+    plain path."""
+    return (
+        GELU_EPILOGUE
+        and x.is_cuda
+        and fc.bias is not None
+        and x.dtype == fc.weight.dtype
+        and not torch.is_autocast_enabled("cuda")
+        and not (torch.is_grad_enabled() and (x.requires_grad or fc.weight.requires_grad))
+    )
 
 
 class CaptionEmbedder(nn.Module):
@@ -114,7 +140,7 @@ class AttentionProj(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def split_qkv(self, x: Tensor | Fp8Rows) -> tuple[Tensor, Tensor, Tensor]:
         """(..., C) -> q, k, v each (..., H, D)."""
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
         return q, k, v
@@ -122,13 +148,17 @@ class AttentionProj(nn.Module):
     def query(self, x: Tensor) -> Tensor:
         """Only the query third of `qkv`: (..., C) -> (..., H, D). Saves 2/3 of the projection."""
         dim = self.num_heads * self.head_dim
-        q = F.linear(x, self.qkv.weight[:dim], self.qkv.bias[:dim])
+        if isinstance(self.qkv, Fp8Linear):
+            q = self.qkv(x, rows=slice(0, dim))
+        else:
+            q = F.linear(x, self.qkv.weight[:dim], self.qkv.bias[:dim])
         return q.unflatten(-1, (self.num_heads, self.head_dim))
 
-    def self_attention(self, x: Tensor) -> Tensor:
-        """Full self-attention over the second-to-last axis: (N, L, C) -> (N, L, C)."""
-        q, k, v = self.split_qkv(x)
-        return self.proj(attention(q, k, v))
+    def self_attention(self, x: Tensor | Fp8Rows) -> Tensor:
+        """Full self-attention over the second-to-last axis: (..., L, C) -> (..., L, C)."""
+        q, k, v = self.split_qkv(x)  # (..., L, H, D)
+        out = attention(*(z.flatten(0, -4) for z in (q, k, v)))  # (N, L, H*D)
+        return self.proj(out.view(*q.shape[:-2], -1))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.fp8 import quantize_model_
+
 from .checkpoint import load_state_dict_strict, read_model_dir, read_official_checkpoint
 from .codecs import LatentCodec, make_codec
 from .config import PipelineConfig, get_preset
@@ -56,6 +58,17 @@ def default_dtype(device: torch.device, config: PipelineConfig) -> torch.dtype:
     return torch.bfloat16
 
 
+def _check_fp8(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cuda":
+        return
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"--precision fp8 needs float8 tensor cores (compute capability 8.9+): "
+                         f"{torch.cuda.get_device_name(device)} has none")  # fmt: skip
+    if dtype != torch.bfloat16:
+        raise ValueError(f"--precision fp8 serves bf16 models; this one runs in {dtype} on GPUs (pixel-space "
+                         "models keep fp32 for precision)")  # fmt: skip
+
+
 def load_pipeline(
     spec: str | None,
     *,
@@ -64,8 +77,15 @@ def load_pipeline(
     device: str = "auto",
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    precision: str = "auto",
 ) -> Pipeline:
-    """Build the pipeline for `spec` on `device` (bf16 on CUDA, fp32 on CPU unless `dtype` is given)."""
+    """Build the pipeline for `spec` on `device` (bf16 on CUDA, fp32 on CPU unless `dtype` is given).
+
+    `precision` "fp8": the block linears run in float8 e4m3 (kernels/fp8.py), on GPUs with float8 tensor cores
+    (compute capability 8.9+) and bf16 models, or on the CPU (slow; for tests). "auto"/"bf16": the model dtype.
+    """
+    if precision not in ("auto", "bf16", "fp8"):
+        raise ValueError(f"unknown precision {precision!r}: auto, bf16 or fp8")
     dev = resolve_device(device)
     name = spec or "default"  # what /v1/models and the logs call it
     if spec is None:
@@ -111,5 +131,8 @@ def load_pipeline(
 
     dtype = dtype or default_dtype(dev, config)
     model = model.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    if precision == "fp8":
+        _check_fp8(dev, dtype)
+        quantize_model_(model)
     codec = codec.to(dev, dtype)
     return Pipeline(name=name, config=config, model=model, codec=codec, device=dev)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.adaln import gated_add, modulated_norm
+from kernels.fp8 import Fp8Linear, Fp8Rows
 
 from .cache import KVCache
 from .config import ModelConfig
@@ -44,6 +45,14 @@ def prefix_frame_indices(num_frames: int, num_prefix: int) -> list[int]:
         return list(range(num_frames - num_prefix, num_frames))
     repeat = num_prefix // num_frames + 1
     return [i // repeat for i in range(num_prefix)]
+
+
+def _take_frames(x: Tensor, idx: list[int]) -> Tensor:
+    """x[:, idx] over the frame axis without a host-to-device index copy (the write forward is captured in a
+    CUDA graph): a view for a contiguous range, else a concatenation of one-frame views."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return x[:, idx[0] : idx[0] + len(idx)]
+    return torch.cat([x[:, i : i + 1] for i in idx], dim=1)
 
 
 @dataclass
@@ -80,21 +89,25 @@ class CausalSTDiTBlock(nn.Module):
         mod = self.scale_shift_table + t_mlp.unflatten(-1, (6, c))  # (B, T, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None].unbind(3)  # (B,T,1,C)
 
+        # With float8 linears, the kernel that produces a linear's input also writes it quantized (`xq`, `h`).
+        fp8 = isinstance(self.attn.qkv, Fp8Linear)
+
         # 1. spatial self-attention within each frame
-        h = modulated_norm(x, shift_msa, scale_msa)
-        x = gated_add(x, gate_msa, self.attn.self_attention(h.flatten(0, 1)).view(b, t, s, c))
+        h = modulated_norm(x, shift_msa, scale_msa, quantize=fp8)
+        next_reads_x = self.attn_cf is not None or self.index > 0  # prefix query, or temporal qkv
+        x, xq = self._residual(x, gate_msa, self.attn.self_attention(h), quantize=fp8 and next_reads_x)
 
         # 2. prefix-enhanced spatial attention (reads the un-normalised residual stream)
         prefix_kv = None
         if self.attn_cf is not None:
-            out, prefix_kv = self._prefix_attention(x, p)
-            x = gated_add(x, gate_msa, self.attn_cf.proj(out))
+            out, prefix_kv = self._prefix_attention(x, p, xq)
+            x, xq = self._residual(x, gate_msa, self.attn_cf.proj(out), quantize=fp8 and self.index > 0)
 
         # 3. causal temporal attention per spatial position. Projections are per token, so they run in the
         #    (B, T, S, C) layout; only the attention sees (B, S, T, ...) views, and no tensor is transposed.
-        h = x
+        h = x if xq is None else xq
         if self.index == 0:
-            h = h + p.tpe[:, :, None]
+            h = x + p.tpe[:, :, None]
             if self.attn_temp_pre_merge is not None:
                 mask = p.mask_channel.to(h.dtype)[:, :, None, None].expand(b, t, s, 1)
                 h = self.attn_temp_pre_merge(torch.cat([h, mask], dim=-1))
@@ -118,11 +131,21 @@ class CausalSTDiTBlock(nn.Module):
             x = x + self.cross_attn(x.flatten(1, 2), p.y, p.y_mask).view(b, t, s, c)
 
         # 5. MLP
-        h = modulated_norm(x, shift_mlp, scale_mlp)
+        h = modulated_norm(x, shift_mlp, scale_mlp, quantize=fp8)
         return gated_add(x, gate_mlp, self.mlp(h))
 
-    def _prefix_attention(self, x: Tensor, p: _Pass) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """Returns the attention output (B, T, S, C) and, when writing, the prefix K/V to cache.
+    @staticmethod
+    def _residual(x: Tensor, gate: Tensor, y: Tensor, quantize: bool) -> tuple[Tensor, Fp8Rows | None]:
+        """x + gate * y, and (if `quantize`) the same as e4m3 rows for the float8 linear that reads it next."""
+        if quantize:
+            return gated_add(x, gate, y, quantize=True)  # type: ignore[return-value]
+        return gated_add(x, gate, y), None  # type: ignore[return-value]
+
+    def _prefix_attention(
+        self, x: Tensor, p: _Pass, xq: Fp8Rows | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Returns the attention output (B, T, S, C) and, when writing, the prefix K/V to cache. `xq`: x as
+        e4m3 rows, when the projections are float8.
 
         Conditional frames attend to their own tokens (the reference attends to them repeated N times,
         which is the same softmax); noisy frames attend to the last N conditional frames.
@@ -131,14 +154,14 @@ class CausalSTDiTBlock(nn.Module):
         b, t, s, c = x.shape
         if p.mode == "denoise":  # queries only; keys and values come from the cache
             assert p.cache is not None
-            q = self.attn_cf.query(x).flatten(1, 2)  # (B, T*S, H, D)
+            q = self.attn_cf.query(x if xq is None else xq).flatten(1, 2)  # (B, T*S, H, D)
             return p.cache.attend_prefix(self.index, q).view(b, t, s, c), None
 
-        q, k, v = self.attn_cf.split_qkv(x)  # (B, T, S, H, D)
+        q, k, v = self.attn_cf.split_qkv(x if xq is None else xq)  # (B, T, S, H, D)
         own = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)).view(b, t, s, c)
         if p.mode == "write":
             idx = prefix_frame_indices(t, self.num_prefix)
-            return own, (k[:, idx], v[:, idx])
+            return own, (_take_frames(k, idx), _take_frames(v, idx))
 
         assert p.prefix_index is not None
         rows = torch.arange(b, device=x.device)[:, None]

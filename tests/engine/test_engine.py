@@ -55,7 +55,8 @@ def test_runner_batch_equals_alone(pipe):
             runner.denoise(live)
             done = [s for s in live if s.k < 0]
             if done:
-                runner.finish_chunks(done, [8] * len(done), [True] * len(done))
+                runner.decode_chunks(done, [8] * len(done))
+                runner.continue_chunks(done)
 
     batched = [Session(p) for p in params]
     advance(batched, ModelRunner(pipe, cfg), 9)
@@ -96,7 +97,7 @@ def test_many_sessions_batched_fairly(pipe):
             for i in range(8)
         ]
         results = await asyncio.gather(*(collect(h) for h in handles))
-        return results, engine.stats, engine.runner.num_free_pages, engine.runner.pool.num_pages
+        return results, engine.stats, engine.runner.num_free_pages, engine.runner.num_pages
 
     results, stats, free, total = run(with_engine(pipe, SchedulerConfig(max_sessions=6, max_batch=3), main))
     assert free == total
@@ -133,14 +134,14 @@ def test_cancel_frees_pages_at_once(pipe):
         handles = [await engine.start_session(SessionParams(seed=i, steps=2)) for i in range(3)]
         for h in handles:
             await h.__aiter__().__anext__()
-        held = engine.runner.pool.num_pages - engine.runner.num_free_pages
+        held = engine.runner.num_pages - engine.runner.num_free_pages
         for h in handles:
             h.cancel()
         for _ in range(100):
-            if engine.runner.num_free_pages == engine.runner.pool.num_pages:
+            if engine.runner.num_free_pages == engine.runner.num_pages:
                 break
             await asyncio.sleep(0.01)
-        return held, engine.runner.num_free_pages, engine.runner.pool.num_pages, engine.stats.sessions_total
+        return held, engine.runner.num_free_pages, engine.runner.num_pages, engine.stats.sessions_total
 
     held, free, total, totals = run(with_engine(pipe, SchedulerConfig(max_sessions=4), main))
     assert held > 0 and free == total and totals["cancelled"] == 3
