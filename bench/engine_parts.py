@@ -78,7 +78,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="engine_parts.json")
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--sections", default="numerics,forward,write,vae,runner")
     args = parser.parse_args()
+    sections = args.sections.split(",")
     torch.backends.cuda.matmul.allow_tf32 = False
     result: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "commit": args.commit or git_commit(), "command": "python3 " + " ".join(sys.argv)}  # fmt: skip
@@ -94,8 +96,23 @@ def main() -> None:
     fp32.model = copy.deepcopy(bf16.model).float()
     fp32.codec = copy.deepcopy(bf16.codec).to("cuda", torch.float32)
     cfg = bf16.config
+    if "numerics" in sections:
+        numerics(result, fp32, bf16, fp8)
+    del fp32
+    torch.cuda.empty_cache()
+    if "forward" in sections:
+        forward(result, cfg, bf16, fp8)
+    if "write" in sections:
+        writes(result, cfg, bf16)
+    if "vae" in sections:
+        vae(result, bf16)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if "runner" in sections:
+        runner_steps(result, bf16, fp8)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    # 2. numerics
+
+def numerics(result: dict, fp32, bf16, fp8) -> None:
     gen = torch.Generator("cuda").manual_seed(1)
     x = torch.randn(1, 4, 33, 32, 32, device="cuda", generator=gen)
     t = torch.cat([torch.zeros(1, 25, device="cuda"), torch.full((1, 8), 500.0, device="cuda")], dim=1)
@@ -126,11 +143,11 @@ def main() -> None:
         k: (videos[k] - videos["fp32"]).abs().mean().item() for k in ("bf16", "fp8")
     }
     result["generation_mean_abs_diff_uint8_fp8_vs_bf16"] = (videos["fp8"] - videos["bf16"]).abs().mean().item()
-    del fp32, videos
-    torch.cuda.empty_cache()
     print(json.dumps({k: v for k, v in result.items() if "err" in k or "diff" in k}), flush=True)
 
-    # 3. graphed forward per variant
+
+def forward(result: dict, cfg, bf16, fp8) -> None:
+    """3. the graphed forward per variant."""
     result["forward"] = []
     for sessions in (1, 16):
         pool, pages, streams, cache = with_cache(bf16.model, cfg, sessions)
@@ -150,7 +167,9 @@ def main() -> None:
         del pool, pages, streams, cache
         torch.cuda.empty_cache()
 
-    # 4. writes: eager vs graphed (fresh streams each time; the pool has a spare scratch page per kind)
+
+def writes(result: dict, cfg, bf16) -> None:
+    """4. writes: eager vs graphed (the pool has a spare scratch page per kind)."""
     result["write"] = []
     for sessions, frames in ((1, 1), (1, 8), (16, 8)):
         mc = cfg.model
@@ -172,20 +191,31 @@ def main() -> None:
         del pool, pages, writer
         torch.cuda.empty_cache()
 
-    # 5. the codec
-    codec = bf16.codec
-    lat8 = torch.randn(1, 4, 8, 32, 32, device="cuda")
-    img = torch.rand(1, 3, 1, 256, 256, device="cuda") * 2 - 1
-    with torch.no_grad():
-        result["vae"] = {
-            "decode_8_frames_ms": _timed_ms(lambda: codec.decode(lat8), iters=5),
-            "encode_1_frame_ms": _timed_ms(lambda: codec.encode(img), iters=5),
-            "decode_1_frame_ms": _timed_ms(lambda: codec.decode(lat8[:, :, :1]), iters=5),
-        }
-    print(json.dumps(result["vae"]), flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    # 6. runner steps vs graph replays (20 back-to-back, one synchronisation at the end)
+def vae(result: dict, bf16) -> None:
+    """5. the codec, NCHW (before) and channels-last (now)."""
+    codec = bf16.codec
+    lat = torch.randn(16, 4, 8, 32, 32, device="cuda")
+    img = torch.rand(1, 3, 1, 256, 256, device="cuda") * 2 - 1
+    result["vae"] = {}
+    for layout in ("nchw", "channels_last"):
+        codec.set_channels_last(layout == "channels_last")
+        with torch.no_grad():
+            result["vae"][layout] = {
+                "decode_128_frames_ms": _timed_ms(lambda: codec.decode(lat), iters=3),
+                "decode_8_frames_ms": _timed_ms(lambda: codec.decode(lat[:1]), iters=5),
+                "encode_1_frame_ms": _timed_ms(lambda: codec.encode(img), iters=5),
+                "decode_1_frame_ms": _timed_ms(lambda: codec.decode(lat[:1, :, :1]), iters=5),
+            }
+        print(layout, json.dumps(result["vae"][layout]), flush=True)
+    a = codec.decode(lat[:2])
+    codec.set_channels_last(False)
+    result["vae"]["channels_last_vs_nchw_max_abs_diff"] = (a - codec.decode(lat[:2])).abs().max().item()
+    codec.set_channels_last(True)
+
+
+def runner_steps(result: dict, bf16, fp8) -> None:
+    """6. runner steps vs graph replays (20 back-to-back, one synchronisation at the end)."""
     result["runner_step"] = []
     for name, pipe in (("bf16", bf16), ("fp8", fp8)):
         for sessions in (1, 16):
@@ -213,7 +243,6 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             del runner, live
             torch.cuda.empty_cache()
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

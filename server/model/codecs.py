@@ -209,6 +209,7 @@ class SDVAECodec(LatentCodec):
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
         self.micro_batch_frames = int(micro_batch_frames)
         self.scaling_factor = float(scaling_factor)
+        self.channels_last = False
 
     @classmethod
     def from_pretrained(
@@ -253,7 +254,17 @@ class SDVAECodec(LatentCodec):
             self.vae.to(device)
         else:
             self.vae.to(device=device, dtype=dtype)
+        self.set_channels_last(self.device.type == "cuda")
         return self
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Run the convolutions channels-last (NHWC): cuDNN's fast layout on GPUs, so no layout transposes
+        around every convolution. On by default on CUDA; the CPU keeps NCHW."""
+        self.channels_last = enabled
+        self.vae.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.no_grad()  # not inference_mode: callers edit latents in place, which inference tensors forbid
     def encode(self, frames: Tensor) -> Tensor:
@@ -267,7 +278,7 @@ class SDVAECodec(LatentCodec):
         outs = []
         for i in range(0, b * t, self.micro_batch_frames):
             x = flat[i : i + self.micro_batch_frames].to(device=device, dtype=dtype)  # (m, 3, H, W)
-            mean = self.vae.encode(x).latent_dist.mean  # (m, C, h, w)
+            mean = self.vae.encode(self._layout(x)).latent_dist.mean  # (m, C, h, w)
             outs.append(mean.float() * self.scaling_factor)
         z = torch.cat(outs, dim=0)  # (B*T, C, h, w)
         hh, ww = z.shape[-2:]
@@ -286,7 +297,7 @@ class SDVAECodec(LatentCodec):
         for i in range(0, b * t, self.micro_batch_frames):
             z = flat[i : i + self.micro_batch_frames].to(device=device, dtype=torch.float32)  # (m, C, h, w)
             z = (z / self.scaling_factor).to(dtype)  # divide in fp32, then cast to the compute dtype
-            outs.append(self.vae.decode(z).sample.float().clamp_(-1.0, 1.0))  # (m, 3, H, W)
+            outs.append(self.vae.decode(self._layout(z)).sample.float().clamp_(-1.0, 1.0))  # (m, 3, H, W)
         x = torch.cat(outs, dim=0)  # (B*T, 3, H, W)
         hh, ww = x.shape[-2:]
         return x.reshape(b, t, 3, hh, ww).permute(0, 2, 1, 3, 4).contiguous()  # (B, 3, T, H, W)

@@ -179,3 +179,17 @@ def test_sdvae_random_has_sd_architecture_and_keeps_rng() -> None:
     z = codec.encode(_frames(1, 1, 8, 8))
     assert z.shape == (1, 4, 1, 1, 1)
     assert codec.decode(z).shape == (1, 3, 1, 8, 8)
+
+
+def test_sdvae_channels_last_layout_gives_the_same_frames(tiny_vae_dir: Path) -> None:
+    """GPUs run the VAE channels-last (cuDNN's NHWC convolutions); the layout must not change the result."""
+    codec = SDVAECodec.from_pretrained(tiny_vae_dir, micro_batch_frames=3)
+    gen = torch.Generator().manual_seed(7)
+    frames = torch.rand(2, 3, 2, 32, 32, generator=gen) * 2 - 1
+    z = torch.randn(2, 4, 2, 4, 4, generator=gen)
+    assert not codec.channels_last  # the CPU default
+    latents, decoded = codec.encode(frames), codec.decode(z)
+    codec.set_channels_last(True)
+    assert next(p for p in codec.vae.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(codec.encode(frames), latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(codec.decode(z), decoded, rtol=1e-5, atol=1e-5)
