@@ -7,7 +7,8 @@ In one process, on one card:
 3. the graphed denoising forward at 1 and 16 sessions (25 cached frames) for each variant, with the CUDA
    time by kernel kind of one eager forward;
 4. the cache write: eager vs graphed, 1-frame (a condition frame) and 8-frame chunks;
-5. the SD-VAE (random weights): decode of one 8-frame chunk, encode + decode of one condition frame;
+5. the SD-VAE (random weights): decode of 16 chunks and of one, encode + decode of one condition frame, in
+   the NCHW and channels-last layouts and with cuDNN's algorithm search;
 6. a whole runner step (batch assembly, graph replay, sampler update) at 1 and 16 sessions against the graph
    replay alone: what the host adds per step when it cannot run ahead of the GPU.
 
@@ -193,13 +194,14 @@ def writes(result: dict, cfg, bf16) -> None:
 
 
 def vae(result: dict, bf16) -> None:
-    """5. the codec, NCHW (before) and channels-last (now)."""
+    """5. the codec: NCHW, channels-last, and NCHW with cuDNN's algorithm search."""
     codec = bf16.codec
     lat = torch.randn(16, 4, 8, 32, 32, device="cuda")
     img = torch.rand(1, 3, 1, 256, 256, device="cuda") * 2 - 1
     result["vae"] = {}
-    for layout in ("nchw", "channels_last"):
+    for layout in ("nchw", "channels_last", "nchw_cudnn_benchmark"):
         codec.set_channels_last(layout == "channels_last")
+        torch.backends.cudnn.benchmark = layout == "nchw_cudnn_benchmark"
         with torch.no_grad():
             result["vae"][layout] = {
                 "decode_128_frames_ms": _timed_ms(lambda: codec.decode(lat), iters=3),
@@ -208,10 +210,11 @@ def vae(result: dict, bf16) -> None:
                 "decode_1_frame_ms": _timed_ms(lambda: codec.decode(lat[:1, :, :1]), iters=5),
             }
         print(layout, json.dumps(result["vae"][layout]), flush=True)
+    torch.backends.cudnn.benchmark = False
     a = codec.decode(lat[:2])
-    codec.set_channels_last(False)
-    result["vae"]["channels_last_vs_nchw_max_abs_diff"] = (a - codec.decode(lat[:2])).abs().max().item()
     codec.set_channels_last(True)
+    result["vae"]["channels_last_vs_nchw_max_abs_diff"] = (codec.decode(lat[:2]) - a).abs().max().item()
+    codec.set_channels_last(False)
 
 
 def runner_steps(result: dict, bf16, fp8) -> None:

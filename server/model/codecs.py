@@ -254,12 +254,11 @@ class SDVAECodec(LatentCodec):
             self.vae.to(device)
         else:
             self.vae.to(device=device, dtype=dtype)
-        self.set_channels_last(self.device.type == "cuda")
         return self
 
     def set_channels_last(self, enabled: bool) -> None:
-        """Run the convolutions channels-last (NHWC): cuDNN's fast layout on GPUs, so no layout transposes
-        around every convolution. On by default on CUDA; the CPU keeps NCHW."""
+        """Run the convolutions channels-last (NHWC). Off by default: on an H200 in bf16 it measured slower than
+        NCHW (decode of 128 frames at 256^2: 447 vs 403 ms, bench/results/engine_parts_h200.json)."""
         self.channels_last = enabled
         self.vae.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
