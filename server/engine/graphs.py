@@ -79,7 +79,7 @@ class _StaticWriteCache(_StaticPagedCache):
         pass
 
 
-def _capture(forward: Callable[[], Tensor | None], mempool) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
+def capture(forward: Callable[[], Tensor | None], mempool) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
     """Warm up `forward` on a side stream (Triton compilation, cuBLAS handles), then capture it."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -115,7 +115,7 @@ class GraphedWriter:
         cache = _StaticWriteCache(self.pool, self.pages, rows, self.max_frames, frames, self.scratch)
         c, _, h, w = self.latent_shape
         x = torch.zeros((rows, c, frames, h, w), device=self.pool.temporal.device)
-        graph, _ = _capture(lambda: self.model.write(cache, x), self._mempool)
+        graph, _ = capture(lambda: self.model.write(cache, x), self._mempool)
         self._graphs[(rows, frames)] = (graph, cache, x)
 
     def capture_all(self) -> None:
@@ -159,7 +159,7 @@ class GraphedDenoiser:
         cache = _StaticPagedCache(self.pool, self.pages, rows, self.max_frames)
         x = torch.zeros((rows, *self.latent_shape), device=dev)
         t = torch.zeros(rows, dtype=torch.long, device=dev)
-        graph, out = _capture(lambda: self.model.denoise(cache, x, t), self.mempool)
+        graph, out = capture(lambda: self.model.denoise(cache, x, t), self.mempool)
         assert out is not None
         self._graphs[rows] = (graph, cache, x, t, out)
 
