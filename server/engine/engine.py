@@ -149,9 +149,10 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------------------
 
     def start(self, warmup: bool = True) -> Engine:
-        """Start the engine thread; with `warmup`, first capture the CUDA graphs of every batch bucket."""
+        """Start the engine thread; with `warmup`, first capture the CUDA graphs of every batch bucket and run
+        throwaway sessions through every phase (`ModelRunner.warm_up`)."""
         if warmup:
-            self.runner.capture_graphs()
+            self.runner.warm_up()
         self._running = True
         self._thread.start()
         return self

@@ -205,3 +205,17 @@ def test_fmp4_stream_decodes(pipe, tmp_path):
     path = tmp_path / "stream.mp4"
     path.write_bytes(info.init_segment + b"".join(c.media[0] for c in clips))
     assert read_video(path).shape[0] == 17
+
+
+@pytest.mark.parametrize("max_sessions", [1, 3])
+def test_warm_up_runs_every_phase_and_gives_all_pages_back(pipe, max_sessions):
+    runner = ModelRunner(pipe, SchedulerConfig(max_sessions=max_sessions, max_batch=max_sessions))
+    calls = []
+    for name in ("prefill", "denoise", "decode_chunks", "continue_chunks"):
+        fn = getattr(runner, name)
+        setattr(runner, name, lambda *a, _fn=fn, _name=name, **k: calls.append((_name, len(a[0]))) or _fn(*a, **k))
+    runner.warm_up()
+    batches = [1] if max_sessions == 1 else [1, 2]  # two sessions only where the pool holds two
+    assert calls == [(name, n) for n in batches for name in ("prefill", "denoise", "decode_chunks", "continue_chunks")]
+    assert runner.num_free_pages == runner.num_pages
+    assert runner.pages.prefix.num_free == runner.pages.prefix.num_pages
