@@ -219,3 +219,15 @@ def test_warm_up_runs_every_phase_and_gives_all_pages_back(pipe, max_sessions):
     assert calls == [(name, n) for n in batches for name in ("prefill", "denoise", "decode_chunks", "continue_chunks")]
     assert runner.num_free_pages == runner.num_pages
     assert runner.pages.prefix.num_free == runner.pages.prefix.num_pages
+
+
+def test_a_failed_warm_up_fails_start(pipe):
+    engine = Engine(pipe, SchedulerConfig(max_sessions=1, max_batch=1))
+
+    def broken():
+        raise RuntimeError("no codec today")
+
+    engine.runner.warm_up = broken
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        engine.start()
+    assert not engine.alive
