@@ -47,7 +47,7 @@ class _StaticPagedCache(PagedKVCache):
         return paged_prefix_attention_sdpa(q, self.pool.prefix[layer], self.prefix_table).flatten(-2)
 
     def store(self, *args, **kwargs) -> None:
-        raise AssertionError("a graphed cache is read-only: writes run eagerly")
+        raise AssertionError("the denoising graph's cache is read-only: writes go through GraphedWriter")
 
 
 class _StaticWriteCache(_StaticPagedCache):
