@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.model_step import git_commit  # noqa: E402
-from bench.profile_forward import kind_of  # noqa: E402
+from bench.profile_forward import cuda_ms_by_kind  # noqa: E402
 from kernels.fp8 import quantize_model_  # noqa: E402
 from server.cache.block_manager import PageManager  # noqa: E402
 from server.cache.paged import PagedKVCache  # noqa: E402
 from server.cache.pool import KVPool  # noqa: E402
-from server.engine.benchmark import _timed_ms, fp8_matmul_tflops, matmul_tflops  # noqa: E402
+from server.engine.benchmark import _stream_with_cache, _timed_ms, fp8_matmul_tflops, matmul_tflops  # noqa: E402
 from server.engine.graphs import GraphedDenoiser, GraphedWriter  # noqa: E402
 from server.engine.runner import ModelRunner  # noqa: E402
 from server.engine.scheduler import SchedulerConfig  # noqa: E402
@@ -53,26 +53,16 @@ def kinds(fn) -> dict[str, float]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    out: dict[str, float] = {}
-    for evt in prof.key_averages():
-        us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
-        if evt.device_type == torch.autograd.DeviceType.CUDA and us:
-            key = "fp8 quantize" if "quantize" in evt.key else kind_of(evt.key)
-            out[key] = out.get(key, 0.0) + us / 1e3
-    return dict(sorted(((k, round(v, 3)) for k, v in out.items()), key=lambda kv: -kv[1]))
+    return {k: round(v, 3) for k, v in cuda_ms_by_kind(prof).items()}
 
 
-def with_cache(model, cfg, sessions: int):
-    mc = cfg.model
-    pool = KVPool.for_sessions(mc, sessions, cfg.max_cache_frames, "cuda", torch.bfloat16)
-    pages = PageManager(pool.num_pages, pool.num_prefix_pages, mc.prefix_frames)
-    streams = [pages.new_stream(cfg.max_cache_frames) for _ in range(sessions)]
-    cache = PagedKVCache(pool, pages, streams)
-    gen = torch.Generator("cuda").manual_seed(0)
-    model.write(cache, torch.randn(sessions, 4, 1, 32, 32, device="cuda", generator=gen))
-    for _ in range(3):
-        model.write(cache, torch.randn(sessions, 4, 8, 32, 32, device="cuda", generator=gen))
-    return pool, pages, streams, cache
+def with_cache(pipe, sessions: int):
+    """A pool holding `sessions` streams with full 25-frame queues (the benchmark's own setup)."""
+    cfg = pipe.config
+    pool = KVPool.for_sessions(cfg.model, sessions, cfg.max_cache_frames, "cuda", torch.bfloat16)
+    pages = PageManager(pool.num_pages, pool.num_prefix_pages, cfg.model.prefix_frames)
+    cache = _stream_with_cache(pipe, pool, pages, sessions, cfg.max_cache_frames)
+    return pool, pages, cache.streams, cache
 
 
 def main() -> None:
@@ -151,7 +141,7 @@ def forward(result: dict, cfg, bf16, fp8) -> None:
     """3. the graphed forward per variant."""
     result["forward"] = []
     for sessions in (1, 16):
-        pool, pages, streams, cache = with_cache(bf16.model, cfg, sessions)
+        pool, pages, streams, cache = with_cache(bf16, sessions)
         xs = torch.randn(sessions, 4, 8, 32, 32, device="cuda")
         ts = torch.full((sessions,), 500, device="cuda")
         row: dict = {"sessions": sessions}

@@ -31,6 +31,7 @@ from server.model.config import get_preset  # noqa: E402
 from server.model.stdit import CausalSTDiT  # noqa: E402
 
 KINDS = [
+    ("fp8 quantize", "_quantize_rows"),
     ("triton temporal attention", "_paged_temporal"),
     ("triton fused adaLN", "_modulated_norm"),
     ("triton fused adaLN", "_gated_add"),
@@ -53,6 +54,16 @@ KINDS = [
 def kind_of(name: str) -> str:
     low = name.lower()
     return next((k for k, key in KINDS if key in low), "other")
+
+
+def cuda_ms_by_kind(prof) -> dict[str, float]:
+    """CUDA time of a profile's kernels summed by kind, largest first."""
+    by_kind: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and us:
+            by_kind[kind_of(evt.key)] = by_kind.get(kind_of(evt.key), 0.0) + us / 1e3
+    return dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
 
 
 def main() -> None:
@@ -81,12 +92,7 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model.denoise(cache, x, t)
             torch.cuda.synchronize()
-        by_kind: dict[str, float] = {}
-        for evt in prof.key_averages():
-            us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
-            if evt.device_type == torch.autograd.DeviceType.CUDA and us:
-                by_kind[kind_of(evt.key)] = by_kind.get(kind_of(evt.key), 0.0) + us / 1e3
-        row["cuda_ms_by_kind"] = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+        row["cuda_ms_by_kind"] = cuda_ms_by_kind(prof)
         table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
         Path(args.out).with_suffix(f".b{sessions}.txt").write_text(table)
         try:

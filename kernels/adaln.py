@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fp8 import FP8, Fp8Rows, emulate_rounding, quantize_rows_reference, row_scale, to_e4m3
+from .fp8 import Fp8Rows, empty_fp8_rows, emulate_rounding, quantize_rows_reference, row_scale, to_e4m3
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def modulated_norm(
         return modulated_norm_reference(x, shift, scale, eps)
     rows = b * f * s
     if quantize:
-        out, out_scale = _fp8_rows(rows, c, x.device)
+        out, out_scale = empty_fp8_rows(rows, c, x.device)
     else:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         out_scale = out  # unused
@@ -129,16 +129,12 @@ def gated_add(
         out = gated_add_reference(x, gate, y)
         return (out, quantize_rows_reference(out)) if quantize else out
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    q, q_scale = (_fp8_rows(b * f * s, c, x.device)) if quantize else (out, out)
+    q, q_scale = empty_fp8_rows(b * f * s, c, x.device) if quantize else (out, out)
     _gated_add_kernel[(b * f * s,)](
         x, gate, y, out, q, q_scale, s, c, sx, sy, c, sm,
         QUANT=quantize, EMULATE=emulate_rounding(), BLOCK_C=triton.next_power_of_2(c), num_warps=4,
     )  # fmt: skip
     return (out, Fp8Rows(q, q_scale, (b, f, s))) if quantize else out
-
-
-def _fp8_rows(rows: int, c: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    return torch.empty((rows, c), device=device, dtype=FP8), torch.empty((rows, 1), device=device, dtype=torch.float32)
 
 
 def modulated_norm_reference(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:

@@ -98,6 +98,11 @@ class Fp8Rows(NamedTuple):
         return (self.data.float() * self.scale).view(*self.shape, -1)
 
 
+def empty_fp8_rows(m: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Uninitialised (M, K) e4m3 data and (M, 1) fp32 scales, for a kernel that quantizes M rows."""
+    return torch.empty((m, k), device=device, dtype=FP8), torch.empty((m, 1), device=device, dtype=torch.float32)
+
+
 def quantize_rows(x: Tensor, gelu: bool = False, use_triton: bool | None = None) -> Fp8Rows:
     """Quantize each row (last axis) of x to e4m3 with its own scale; `gelu` applies the tanh GELU first.
     Triton on CUDA by default, the torch reference otherwise."""
@@ -108,8 +113,7 @@ def quantize_rows(x: Tensor, gelu: bool = False, use_triton: bool | None = None)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     m = rows.shape[0]
-    out = torch.empty((m, k), device=x.device, dtype=FP8)
-    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    out, scale = empty_fp8_rows(m, k, x.device)
     block = triton.next_power_of_2(k)
     _quantize_rows_kernel[(m,)](rows, out, scale, k, rows.stride(0), GELU=gelu, EMULATE=emulate_rounding(),
                                 BLOCK_K=block, num_warps=8 if block >= 4096 else 4)  # fmt: skip

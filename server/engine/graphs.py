@@ -109,13 +109,13 @@ class GraphedWriter:
         self.buckets = _buckets(max_batch)
         self.frame_counts = frame_counts
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, _StaticWriteCache, Tensor]] = {}
-        self._mempool = mempool if mempool is not None else torch.cuda.graph_pool_handle()
+        self.mempool = mempool if mempool is not None else torch.cuda.graph_pool_handle()
 
     def _capture(self, rows: int, frames: int) -> None:
         cache = _StaticWriteCache(self.pool, self.pages, rows, self.max_frames, frames, self.scratch)
         c, _, h, w = self.latent_shape
         x = torch.zeros((rows, c, frames, h, w), device=self.pool.temporal.device)
-        graph, _ = capture(lambda: self.model.write(cache, x), self._mempool)
+        graph, _ = capture(lambda: self.model.write(cache, x), self.mempool)
         self._graphs[(rows, frames)] = (graph, cache, x)
 
     def capture_all(self) -> None:

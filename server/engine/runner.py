@@ -18,19 +18,12 @@ from server.cache.pool import KVPool
 from server.model.codecs import frames_to_uint8, uint8_to_frames
 from server.model.diffusion import Sampler
 from server.model.generate import perturb_for_cache
+from server.model.layers import take
 from server.model.loader import Pipeline
 
 from .graphs import GraphedDenoiser, GraphedWriter
 from .scheduler import SchedulerConfig
 from .session import Session, SessionParams
-
-
-def _rows(idx: list[int], device: torch.device) -> slice | Tensor:
-    """An index for rows `idx` that needs no synchronous host-to-device copy: a slice when they are
-    consecutive (one sampler for the whole batch, the usual case), else an asynchronously copied tensor."""
-    if idx == list(range(idx[0], idx[0] + len(idx))):
-        return slice(idx[0], idx[0] + len(idx))
-    return to_device(torch.tensor(idx), device)
 
 
 class ModelRunner:
@@ -167,8 +160,7 @@ class ModelRunner:
                 noise = torch.cat([torch.randn(x.shape[1:], generator=sessions[i].generator, device=dev)[None]
                                    for i in idx])  # fmt: skip
             k = to_device(torch.tensor([sessions[i].k for i in idx]), dev)
-            rows = _rows(idx, dev)
-            new_x = sampler.step(x[rows], out[rows], k, noise)
+            new_x = sampler.step(take(x, idx, 0), take(out, idx, 0), k, noise)  # no index copy to the GPU
             for j, i in enumerate(idx):
                 sessions[i].x = new_x[j : j + 1]
                 sessions[i].k -= 1

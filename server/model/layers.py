@@ -96,7 +96,7 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-GELU_EPILOGUE = True  # bench/precision.py turns it off to time the plain path in the same run
+GELU_EPILOGUE = True  # benchmarks turn it off to time the plain path, or to count its FLOPs
 
 
 def _gelu_epilogue(x: Tensor, fc: nn.Linear) -> bool:
@@ -170,6 +170,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causa
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return out.transpose(1, 2).flatten(2)
+
+
+def take(x: Tensor, idx: list[int], dim: int) -> Tensor:
+    """`x.index_select(dim, idx)` for a Python list, without a host-to-device copy of the index (a stream sync,
+    and not allowed inside a CUDA graph capture): a view for a consecutive range, else one-slice views joined."""
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return x.narrow(dim, idx[0], len(idx))
+    return torch.cat([x.narrow(dim, i, 1) for i in idx], dim=dim)
 
 
 def chunk_causal_mask(num_cached: int, num_chunk: int, device: torch.device) -> Tensor:

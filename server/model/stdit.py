@@ -31,6 +31,7 @@ from .layers import (
     TimestepEmbedder,
     attention,
     spatial_pos_embed,
+    take,
     temporal_pos_embed,
 )
 
@@ -45,14 +46,6 @@ def prefix_frame_indices(num_frames: int, num_prefix: int) -> list[int]:
         return list(range(num_frames - num_prefix, num_frames))
     repeat = num_prefix // num_frames + 1
     return [i // repeat for i in range(num_prefix)]
-
-
-def _take_frames(x: Tensor, idx: list[int]) -> Tensor:
-    """x[:, idx] over the frame axis without a host-to-device index copy (the write forward is captured in a
-    CUDA graph): a view for a contiguous range, else a concatenation of one-frame views."""
-    if idx == list(range(idx[0], idx[0] + len(idx))):
-        return x[:, idx[0] : idx[0] + len(idx)]
-    return torch.cat([x[:, i : i + 1] for i in idx], dim=1)
 
 
 @dataclass
@@ -161,7 +154,7 @@ class CausalSTDiTBlock(nn.Module):
         own = attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)).view(b, t, s, c)
         if p.mode == "write":
             idx = prefix_frame_indices(t, self.num_prefix)
-            return own, (_take_frames(k, idx), _take_frames(v, idx))
+            return own, (take(k, idx, 1), take(v, idx, 1))  # the write runs inside a CUDA graph
 
         assert p.prefix_index is not None
         rows = torch.arange(b, device=x.device)[:, None]

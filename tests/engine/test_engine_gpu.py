@@ -52,8 +52,8 @@ def test_graphed_sessions_equal_the_offline_loop(gpu_pipe):
 
 
 def test_a_denoising_step_never_waits_for_the_gpu(gpu_pipe):
-    """Page tables, timesteps and row indices travel asynchronously: the host prepares step n+1 while the GPU
-    runs step n. Two samplers in one batch, one of them on rows 0 and 2 (an index tensor, not a slice)."""
+    """Page tables and timesteps travel asynchronously and row selections need no index on the GPU: the host
+    prepares step n+1 while the GPU runs step n. Two samplers in one batch, one of them on rows 0 and 2."""
     runner = ModelRunner(gpu_pipe, SchedulerConfig(max_sessions=3, max_batch=3))
     runner.capture_graphs()
     sessions = [Session(SessionParams(image=None, seed=i, sampler=s, steps=n)) for i, (s, n) in enumerate(SAMPLERS)]
