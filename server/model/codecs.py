@@ -258,7 +258,7 @@ class SDVAECodec(LatentCodec):
 
     def set_channels_last(self, enabled: bool) -> None:
         """Run the convolutions channels-last (NHWC). Off by default: on an H200 in bf16 it measured slower than
-        NCHW (decode of 128 frames at 256^2: 447 vs 403 ms, bench/results/engine_parts_h200.json)."""
+        NCHW (decode of 128 frames at 256^2: 446 vs 403 ms, bench/results/engine_parts_h200.json)."""
         self.channels_last = enabled
         self.vae.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
