@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd forwards")
     parser.add_argument("--out", default="model_step.json")
     parser.add_argument("--commit", default=None, help="commit under test (default: git rev-parse HEAD)")
-    parser.add_argument("--reference-dir", default=str(ROOT.parent / "shared" / "reference"))
+    parser.add_argument("--reference-dir", default=str(ROOT / "tests" / "data" / "reference"))
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# ../shared/reference beside the checkout (CI lays shared/ next to the clone, like a developer checkout).
-REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+# Golden data from the official implementation, kept in the repository (tests/data/reference/README.md).
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "reference"
 
 
 @pytest.fixture(scope="session")
