@@ -19,6 +19,7 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY kernels ./kernels
 COPY client ./client
+COPY ca2vdm ./ca2vdm
 RUN pip install ".[vae]"
 
 # ---- runtime stage --------------------------------------------------------------------------------------

@@ -30,19 +30,17 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.model_step import git_commit  # noqa: E402
 from bench.profile_forward import cuda_ms_by_kind  # noqa: E402
-from kernels.fp8 import quantize_model_  # noqa: E402
-from server.cache.block_manager import PageManager  # noqa: E402
-from server.cache.paged import PagedKVCache  # noqa: E402
-from server.cache.pool import KVPool  # noqa: E402
-from server.engine.benchmark import _stream_with_cache, _timed_ms, fp8_matmul_tflops, matmul_tflops  # noqa: E402
-from server.engine.graphs import GraphedDenoiser, GraphedWriter  # noqa: E402
-from server.engine.runner import ModelRunner  # noqa: E402
-from server.engine.scheduler import SchedulerConfig  # noqa: E402
-from server.engine.session import Session, SessionParams  # noqa: E402
-from server.model import layers  # noqa: E402
-from server.model.loader import load_pipeline  # noqa: E402
+from ca2vdm.kernels.fp8 import quantize_model_  # noqa: E402
+from ca2vdm.server.benchmark.caches import filled_cache, paged_pool  # noqa: E402
+from ca2vdm.server.benchmark.timing import fp8_matmul_tflops, git_commit, matmul_tflops, timed_ms  # noqa: E402
+from ca2vdm.server.cache.paged import PagedKVCache  # noqa: E402
+from ca2vdm.server.engine.config import EngineConfig  # noqa: E402
+from ca2vdm.server.engine.graphs import GraphedDenoiser, GraphedWriter  # noqa: E402
+from ca2vdm.server.engine.runner import ModelRunner  # noqa: E402
+from ca2vdm.server.engine.session import Session, SessionParams  # noqa: E402
+from ca2vdm.server.model import layers  # noqa: E402
+from ca2vdm.server.model.loader import load_pipeline  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,10 +56,8 @@ def kinds(fn) -> dict[str, float]:
 
 def with_cache(pipe, sessions: int):
     """A pool holding `sessions` streams with full 25-frame queues (the benchmark's own setup)."""
-    cfg = pipe.config
-    pool = KVPool.for_sessions(cfg.model, sessions, cfg.max_cache_frames, "cuda", torch.bfloat16)
-    pages = PageManager(pool.num_pages, pool.num_prefix_pages, cfg.model.prefix_frames)
-    cache = _stream_with_cache(pipe, pool, pages, sessions, cfg.max_cache_frames)
+    pool, pages = paged_pool(pipe, sessions)
+    cache = filled_cache(pipe, pool, pages, sessions, pipe.config.max_cache_frames)
     return pool, pages, cache.streams, cache
 
 
@@ -122,7 +118,7 @@ def numerics(result: dict, fp32, bf16, fp8) -> None:
         "fp8": rel(q[:, :4, noisy], ref[:, :4, noisy]),
         "gelu_epilogue_vs_plain_bf16": rel(epi[:, :4, noisy], plain[:, :4, noisy]),
     }
-    from server.model.generate import generate_video
+    from ca2vdm.server.model.generate import generate_video
 
     image = torch.randint(0, 256, (256, 256, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     videos = {}
@@ -148,8 +144,8 @@ def forward(result: dict, cfg, bf16, fp8) -> None:
         for name, model, epilogue in (("bf16", bf16.model, False), ("bf16_gelu_epilogue", bf16.model, True),
                                       ("fp8", fp8.model, True)):  # fmt: skip
             layers.GELU_EPILOGUE = epilogue
-            graphed = GraphedDenoiser(model, pool, pages, cfg.max_cache_frames, tuple(xs.shape[1:]), sessions)
-            row[f"{name}_graph_ms"] = _timed_ms(lambda g=graphed, s=streams, x=xs, t=ts: g(s, x, t), iters=20)
+            graphed = GraphedDenoiser(model, pool, pages, tuple(xs.shape[1:]), sessions)
+            row[f"{name}_graph_ms"] = timed_ms(lambda g=graphed, s=streams, x=xs, t=ts: g(s, x, t), iters=20)
             row[f"{name}_cuda_ms_by_kind"] = kinds(lambda m=model, c=cache, x=xs, t=ts: m.denoise(c, x, t))
             del graphed
         layers.GELU_EPILOGUE = True
@@ -160,23 +156,19 @@ def forward(result: dict, cfg, bf16, fp8) -> None:
 
 
 def writes(result: dict, cfg, bf16) -> None:
-    """4. writes: eager vs graphed (the pool has a spare scratch page per kind)."""
+    """4. writes: eager vs graphed."""
     result["write"] = []
     for sessions, frames in ((1, 1), (1, 8), (16, 8)):
-        mc = cfg.model
-        n = sessions * cfg.max_cache_frames
-        pool = KVPool(mc, n + 1, sessions * mc.prefix_frames + 1, "cuda", torch.bfloat16)
-        pages = PageManager(n, sessions * mc.prefix_frames, mc.prefix_frames)
-        streams = [pages.new_stream(cfg.max_cache_frames) for _ in range(sessions)]
+        pool, pages = paged_pool(bf16, sessions)
+        streams = [pages.new_stream() for _ in range(sessions)]
         xw = torch.randn(sessions, 4, frames, 32, 32, device="cuda")
-        writer = GraphedWriter(bf16.model, pool, pages, cfg.max_cache_frames, (4, 8, 32, 32), sessions,
-                               frame_counts=(frames,), scratch=(n, sessions * mc.prefix_frames))  # fmt: skip
+        writer = GraphedWriter(bf16.model, pool, pages, (4, 8, 32, 32), sessions, frame_counts=(frames,))
 
         def eager(st=streams, p=pool, m=pages, x=xw):
             bf16.model.write(PagedKVCache(p, m, st), x)
 
-        row = {"sessions": sessions, "frames": frames, "eager_ms": _timed_ms(eager, iters=5),
-               "graph_ms": _timed_ms(lambda w=writer, st=streams, x=xw: w(st, x), iters=5)}  # fmt: skip
+        row = {"sessions": sessions, "frames": frames, "eager_ms": timed_ms(eager, iters=5),
+               "graph_ms": timed_ms(lambda w=writer, st=streams, x=xw: w(st, x), iters=5)}  # fmt: skip
         result["write"].append(row)
         print(json.dumps(row), flush=True)
         del pool, pages, writer
@@ -194,10 +186,10 @@ def vae(result: dict, bf16) -> None:
         torch.backends.cudnn.benchmark = layout == "nchw_cudnn_benchmark"
         with torch.no_grad():
             result["vae"][layout] = {
-                "decode_128_frames_ms": _timed_ms(lambda: codec.decode(lat), iters=3),
-                "decode_8_frames_ms": _timed_ms(lambda: codec.decode(lat[:1]), iters=5),
-                "encode_1_frame_ms": _timed_ms(lambda: codec.encode(img), iters=5),
-                "decode_1_frame_ms": _timed_ms(lambda: codec.decode(lat[:1, :, :1]), iters=5),
+                "decode_128_frames_ms": timed_ms(lambda: codec.decode(lat), iters=3),
+                "decode_8_frames_ms": timed_ms(lambda: codec.decode(lat[:1]), iters=5),
+                "encode_1_frame_ms": timed_ms(lambda: codec.encode(img), iters=5),
+                "decode_1_frame_ms": timed_ms(lambda: codec.decode(lat[:1, :, :1]), iters=5),
             }
         print(layout, json.dumps(result["vae"][layout]), flush=True)
     torch.backends.cudnn.benchmark = False
@@ -212,7 +204,7 @@ def runner_steps(result: dict, bf16, fp8) -> None:
     result["runner_step"] = []
     for name, pipe in (("bf16", bf16), ("fp8", fp8)):
         for sessions in (1, 16):
-            runner = ModelRunner(pipe, SchedulerConfig(max_sessions=sessions, max_batch=sessions))
+            runner = ModelRunner(pipe, EngineConfig(max_sessions=sessions, max_batch=sessions))
             runner.capture_graphs()
             live = [Session(SessionParams(image=None, seed=i, sampler="ddim", steps=25)) for i in range(sessions)]
             runner.prefill(live)
@@ -221,17 +213,18 @@ def runner_steps(result: dict, bf16, fp8) -> None:
                 for _ in range(20):
                     r.denoise(s)
                 for x in s:
-                    x.k = 24
+                    r.states[x.id].step = 24
 
             assert runner.graphs is not None
-            xs, ts = torch.cat([s.x for s in live]), torch.full((sessions,), 500, device="cuda")
+            gens = [runner.states[s.id] for s in live]
+            xs, ts = torch.cat([g.x for g in gens]), torch.full((sessions,), 500, device="cuda")
 
-            def replays(g=runner.graphs, s=live, x=xs, t=ts):
+            def replays(g=runner.graphs, gens=gens, x=xs, t=ts):
                 for _ in range(20):
-                    g([z.pages for z in s], x, t)
+                    g([z.pages for z in gens], x, t)
 
-            row = {"precision": name, "sessions": sessions, "runner_step_ms": _timed_ms(steps, iters=3) / 20,
-                   "graph_replay_ms": _timed_ms(replays, iters=3) / 20}  # fmt: skip
+            row = {"precision": name, "sessions": sessions, "runner_step_ms": timed_ms(steps, iters=3) / 20,
+                   "graph_replay_ms": timed_ms(replays, iters=3) / 20}  # fmt: skip
             result["runner_step"].append(row)
             print(json.dumps(row), flush=True)
             del runner, live

@@ -22,11 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.model_step import git_commit  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.scheduler import SchedulerConfig  # noqa: E402
-from server.engine.session import SessionParams  # noqa: E402
-from server.model.loader import load_pipeline  # noqa: E402
+from ca2vdm.server.benchmark.timing import git_commit  # noqa: E402
+from ca2vdm.server.engine.config import EngineConfig  # noqa: E402
+from ca2vdm.server.engine.engine import Engine  # noqa: E402
+from ca2vdm.server.engine.session import SessionParams  # noqa: E402
+from ca2vdm.server.model.loader import load_pipeline  # noqa: E402
 
 
 def timed(log: list, name: str, fn):
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
     pipe = load_pipeline("random:XL/2", device="cuda", precision=args.precision)
-    engine = Engine(pipe, SchedulerConfig(max_sessions=1, max_batch=1)).start()
+    engine = Engine(pipe, EngineConfig(max_sessions=1, max_batch=1)).start()
     log: list = []
     runner = engine.runner
     for name in ("prefill", "denoise", "decode_chunks", "continue_chunks"):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,17 +27,10 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.model.cache import DenseKVCache  # noqa: E402
-from server.model.config import ModelConfig, get_preset  # noqa: E402
-from server.model.stdit import CausalSTDiT  # noqa: E402
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+from ca2vdm.server.benchmark.timing import git_commit  # noqa: E402
+from ca2vdm.server.model.cache import DenseKVCache  # noqa: E402
+from ca2vdm.server.model.config import ModelConfig, get_preset  # noqa: E402
+from ca2vdm.server.model.stdit import CausalSTDiT  # noqa: E402
 
 
 def cuda_time_ms(fn, iters: int, warmup: int = 2) -> float:

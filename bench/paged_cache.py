@@ -28,25 +28,25 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.model_step import git_commit  # noqa: E402
-from kernels.paged_prefix_attention import (  # noqa: E402
+from ca2vdm.kernels.paged_prefix_attention import (  # noqa: E402
     gather_prefix_kv,
     paged_prefix_attention,
     paged_prefix_attention_reference,
     paged_prefix_attention_sdpa,
 )
-from kernels.paged_temporal_attention import (  # noqa: E402
+from ca2vdm.kernels.paged_temporal_attention import (  # noqa: E402
     paged_temporal_attention,
     paged_temporal_attention_reference,
 )
-from kernels.paged_write import paged_write  # noqa: E402
-from server.cache.block_manager import PageManager  # noqa: E402
-from server.cache.paged import PagedKVCache  # noqa: E402
-from server.cache.pool import KVPool  # noqa: E402
-from server.model.cache import DenseKVCache  # noqa: E402
-from server.model.config import get_preset  # noqa: E402
-from server.model.layers import chunk_causal_mask  # noqa: E402
-from server.model.stdit import CausalSTDiT  # noqa: E402
+from ca2vdm.kernels.paged_write import paged_write  # noqa: E402
+from ca2vdm.server.benchmark.timing import git_commit  # noqa: E402
+from ca2vdm.server.cache.block_manager import PageManager  # noqa: E402
+from ca2vdm.server.cache.paged import PagedKVCache  # noqa: E402
+from ca2vdm.server.cache.pool import KVPool  # noqa: E402
+from ca2vdm.server.model.cache import DenseKVCache  # noqa: E402
+from ca2vdm.server.model.config import get_preset  # noqa: E402
+from ca2vdm.server.model.layers import chunk_causal_mask  # noqa: E402
+from ca2vdm.server.model.stdit import CausalSTDiT  # noqa: E402
 
 S, H, D, T, P_MAX, DEPTH = 256, 16, 72, 8, 25, 28
 BF16 = torch.bfloat16
@@ -105,11 +105,11 @@ def model_correctness(cfg) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False
         model = CausalSTDiT(cfg).randomize_(0, std_scale=0.3).to("cuda", dtype).eval()
         pool = KVPool.for_sessions(cfg, 3, P_MAX, "cuda", dtype)
-        mgr = PageManager(pool.num_pages, pool.num_prefix_pages, cfg.prefix_frames)
+        mgr = PageManager(pool.num_pages, pool.num_prefix_pages, cfg.prefix_frames, P_MAX)
         gen = torch.Generator("cuda").manual_seed(0)
         streams, dense = [], []
         for num_chunks in (0, 1, 4):
-            st, dc = mgr.new_stream(P_MAX), DenseKVCache.for_model(model, 1, P_MAX)
+            st, dc = mgr.new_stream(), DenseKVCache.for_model(model, 1, P_MAX)
             for w in range(num_chunks + 1):
                 x = torch.randn(1, 4, 1 if w == 0 else T, 32, 32, device="cuda", generator=gen)
                 model.write(PagedKVCache(pool, mgr, [st]), x)
@@ -250,8 +250,8 @@ def capacity(cfg) -> dict:
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # warm-up forward at the largest batch the server runs (16 sessions) to reserve activation memory
     pool = KVPool.for_sessions(cfg, 16, P_MAX, "cuda", BF16)
-    mgr = PageManager(pool.num_pages, pool.num_prefix_pages, cfg.prefix_frames)
-    streams = [mgr.new_stream(P_MAX) for _ in range(16)]
+    mgr = PageManager(pool.num_pages, pool.num_prefix_pages, cfg.prefix_frames, P_MAX)
+    streams = [mgr.new_stream() for _ in range(16)]
     model.write(PagedKVCache(pool, mgr, streams), torch.randn(16, 4, 1, 32, 32, device="cuda"))
     model.denoise(PagedKVCache(pool, mgr, streams), torch.randn(16, 4, T, 32, 32, device="cuda"),
                   torch.full((16,), 500, device="cuda"))  # fmt: skip
@@ -281,8 +281,8 @@ def forward_bench(cfg, sessions_list) -> list[dict]:
     rows = []
     for sessions in sessions_list:
         pool = KVPool.for_sessions(cfg, sessions, P_MAX, "cuda", BF16)
-        mgr = PageManager(pool.num_pages, pool.num_prefix_pages, cfg.prefix_frames)
-        streams = [mgr.new_stream(P_MAX) for _ in range(sessions)]
+        mgr = PageManager(pool.num_pages, pool.num_prefix_pages, cfg.prefix_frames, P_MAX)
+        streams = [mgr.new_stream() for _ in range(sessions)]
         paged = PagedKVCache(pool, mgr, streams)
         dense = DenseKVCache.for_model(model, sessions, P_MAX)
         model.write(paged, torch.randn(sessions, 4, 1, 32, 32, device="cuda"))

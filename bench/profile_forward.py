@@ -21,14 +21,13 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.model_step import git_commit  # noqa: E402
-from server.cache.block_manager import PageManager  # noqa: E402
-from server.cache.paged import PagedKVCache  # noqa: E402
-from server.cache.pool import KVPool  # noqa: E402
-from server.engine.benchmark import _timed_ms  # noqa: E402
-from server.engine.graphs import GraphedDenoiser  # noqa: E402
-from server.model.config import get_preset  # noqa: E402
-from server.model.stdit import CausalSTDiT  # noqa: E402
+from ca2vdm.server.benchmark.timing import git_commit, timed_ms  # noqa: E402
+from ca2vdm.server.cache.block_manager import PageManager  # noqa: E402
+from ca2vdm.server.cache.paged import PagedKVCache  # noqa: E402
+from ca2vdm.server.cache.pool import KVPool  # noqa: E402
+from ca2vdm.server.engine.graphs import GraphedDenoiser  # noqa: E402
+from ca2vdm.server.model.config import get_preset  # noqa: E402
+from ca2vdm.server.model.stdit import CausalSTDiT  # noqa: E402
 
 KINDS = [
     ("fp8 quantize", "_quantize_rows"),
@@ -78,17 +77,17 @@ def main() -> None:
     result.update(commit=args.commit or git_commit(), command="python3 " + " ".join(sys.argv))
     for sessions in (1, 16):
         pool = KVPool.for_sessions(mc, sessions, cfg.max_cache_frames, "cuda", torch.bfloat16)
-        pages = PageManager(pool.num_pages, pool.num_prefix_pages, mc.prefix_frames)
-        streams = [pages.new_stream(cfg.max_cache_frames) for _ in range(sessions)]
+        pages = PageManager(pool.num_pages, pool.num_prefix_pages, mc.prefix_frames, cfg.max_cache_frames)
+        streams = [pages.new_stream() for _ in range(sessions)]
         cache = PagedKVCache(pool, pages, streams)
         model.write(cache, torch.randn(sessions, 4, 1, 32, 32, device="cuda"))
         for _ in range(3):
             model.write(cache, torch.randn(sessions, 4, 8, 32, 32, device="cuda"))
         x = torch.randn(sessions, 4, 8, 32, 32, device="cuda")
         t = torch.full((sessions,), 500, device="cuda")
-        row: dict = {"sessions": sessions, "eager_ms": _timed_ms(lambda c=cache, x=x, t=t: model.denoise(c, x, t))}
-        graphed = GraphedDenoiser(model, pool, pages, cfg.max_cache_frames, tuple(x.shape[1:]), sessions)
-        row["graph_ms"] = _timed_ms(lambda g=graphed, st=streams, x=x, t=t: g(st, x, t))
+        row: dict = {"sessions": sessions, "eager_ms": timed_ms(lambda c=cache, x=x, t=t: model.denoise(c, x, t))}
+        graphed = GraphedDenoiser(model, pool, pages, tuple(x.shape[1:]), sessions)
+        row["graph_ms"] = timed_ms(lambda g=graphed, st=streams, x=x, t=t: g(st, x, t))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model.denoise(cache, x, t)
             torch.cuda.synchronize()
@@ -98,7 +97,7 @@ def main() -> None:
         try:
             start = time.perf_counter()
             compiled = torch.compile(model.denoise)
-            row["compile_ms"] = _timed_ms(lambda f=compiled, c=cache, x=x, t=t: f(c, x, t), warmup=3)
+            row["compile_ms"] = timed_ms(lambda f=compiled, c=cache, x=x, t=t: f(c, x, t), warmup=3)
             row["compile_seconds"] = time.perf_counter() - start
         except Exception as exc:  # record why, keep the other numbers
             row["compile_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"

@@ -17,9 +17,9 @@ from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from server.model.config import get_preset
-from server.train.sprites import SpritesConfig, SpritesDataset
-from server.train.trainer import TrainConfig, Trainer
+from ca2vdm.server.model.config import get_preset
+from ca2vdm.server.train.sprites import SpritesConfig, SpritesDataset
+from ca2vdm.server.train.trainer import TrainConfig, Trainer
 
 
 def timed_steps(trainer: Trainer, n: int) -> float:

@@ -14,7 +14,7 @@ import json
 import statistics
 import time
 
-from client.stream import Clip, Done, Ready, StreamClient
+from ca2vdm.client.stream import Clip, Done, Ready, StreamClient
 
 
 async def one_session(client: StreamClient, frames: int, image: str | None, seed: int) -> dict:

@@ -13,12 +13,12 @@ import time
 
 import torch
 
-from server.model.checkpoint import load_state_dict_strict, read_model_dir
-from server.model.config import get_preset
-from server.model.stdit import CausalSTDiT
-from server.train.losses import TrainingDiffusion
-from server.train.sprites import SpritesConfig, SpritesDataset
-from server.train.trainer import TrainConfig, init_for_training, step_loss, to_model_range, training_step_inputs
+from ca2vdm.server.model.checkpoint import load_state_dict_strict, read_model_dir
+from ca2vdm.server.model.config import get_preset
+from ca2vdm.server.model.stdit import CausalSTDiT
+from ca2vdm.server.train.losses import TrainingDiffusion
+from ca2vdm.server.train.sprites import SpritesConfig, SpritesDataset
+from ca2vdm.server.train.trainer import TrainConfig, init_for_training, step_loss, to_model_range, training_step_inputs
 
 
 def main() -> None:

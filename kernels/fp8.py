@@ -6,7 +6,7 @@ with q = round(value / s) to e4m3 and s = amax / 448 over the row (a token of x,
 each row uses the whole e4m3 range. `torch._scaled_mm` applies both scales and the bias in its epilogue.
 
 The activation side is quantized by one Triton pass per row (`quantize_rows`), optionally fused with the
-tanh GELU that sits between the MLP's two linears; `kernels.adaln` fuses it into the modulated LayerNorm and
+tanh GELU that sits between the MLP's two linears; `ca2vdm.kernels.adaln` fuses it into the modulated LayerNorm and
 the gated residual add, whose outputs feed a linear directly.
 
 Rounding: a GPU's float8 conversion rounds to nearest even and saturates, as torch's

@@ -1,3 +1,1 @@
-"""ca2vdm: a streaming video generation server for Ca2-VDM."""
-
-__version__ = "0.1.0"
+"""Everything that runs in the server process: model, cache, engine, API, training (installed as ca2vdm.server)."""

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .model.diffusion import SAMPLERS
+
 log = logging.getLogger("ca2vdm")
 
 
@@ -37,7 +39,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .media import load_image, write_mp4
-    from .model.diffusion import DEFAULT_STEPS
     from .model.generate import generate_video
     from .model.loader import load_pipeline
 
@@ -48,9 +49,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.image is not None:
         image = load_image(args.image, size=pipe.frame_size)
     sampler_name = args.sampler or pipe.config.default_sampler
-    steps = args.steps or (
-        pipe.config.default_steps if sampler_name == pipe.config.default_sampler else DEFAULT_STEPS[sampler_name]
-    )
+    steps = args.steps or pipe.default_steps(sampler_name)
     sampler = pipe.sampler(sampler_name, steps)
     h, w = pipe.frame_size
     log.info(
@@ -86,7 +85,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .engine.benchmark import run_benchmarks
+    from .benchmark.scenarios import run_benchmarks
 
     result = run_benchmarks(args)
     log.info("wrote %s", args.out)
@@ -208,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", default=_env("image", None), help="condition image (PNG/JPEG); frame 0 of the video")
     gen.add_argument("--frames", type=int, default=_env("frames", None, int), required=_env("frames", None) is None)
     gen.add_argument("--steps", type=int, default=_env("steps", None, int), help="denoising steps per chunk")
-    gen.add_argument("--sampler", choices=["ddim", "iddpm"], default=_env("sampler", None))
+    gen.add_argument("--sampler", choices=SAMPLERS, default=_env("sampler", None))
     gen.add_argument("--seed", type=int, default=_env("seed", 0, int))
     gen.add_argument("--out", default=_env("out", None), required=_env("out", None) is None, help="output MP4")
     gen.set_defaults(func=_cmd_generate)
@@ -249,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(ev)
     ev.add_argument("--videos", type=int, default=_env("videos", 4, int))
     ev.add_argument("--ar-steps", type=int, default=_env("ar_steps", 30, int))
-    ev.add_argument("--sampler", choices=["ddim", "iddpm"], default=_env("sampler", "ddim"))
+    ev.add_argument("--sampler", choices=SAMPLERS, default=_env("sampler", "ddim"))
     ev.add_argument("--steps", type=int, default=_env("steps", 25, int))
     ev.add_argument("--seed", type=int, default=_env("seed", 10_000, int), help="first ground-truth seed")
     ev.add_argument("--out", default=_env("out", None), help="write the scores as JSON")

@@ -13,9 +13,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine.engine import Engine
-from server.engine.scheduler import SchedulerConfig
-from server.model.loader import Pipeline, load_pipeline
+from ca2vdm.server.engine.engine import Engine
+from ca2vdm.server.model.diffusion import SAMPLERS
+from ca2vdm.server.model.loader import Pipeline, load_pipeline
 
 from . import stream, videos
 from .auth import key_is_valid
@@ -34,9 +34,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pipe = pipeline or load_pipeline(settings.model, preset=settings.preset, vae=settings.vae,
                                          device=settings.device, precision=settings.precision)  # fmt: skip
-        config = SchedulerConfig(max_sessions=settings.max_sessions, max_batch=settings.max_batch,
-                                 max_waiting=settings.max_waiting)  # fmt: skip
-        engine = Engine(pipe, config).start()  # warm-up included: /readyz turns 200 after this
+        engine = Engine(pipe, settings.engine_config()).start()  # warm-up included: /readyz turns 200 after this
         app.state.engine = engine
         app.state.jobs = JobStore(settings.data_dir)
         app.state.job_runner = JobRunner(app.state.jobs, engine)
@@ -99,7 +97,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
             "fps": pipe.config.fps,
             "chunk_frames": pipe.config.chunk_frames,
             "max_cache_frames": pipe.config.max_cache_frames,
-            "samplers": ["ddim", "iddpm"],
+            "samplers": list(SAMPLERS),
             "default_sampler": pipe.config.default_sampler,
             "default_steps": pipe.config.default_steps,
             "max_steps": settings.max_steps,

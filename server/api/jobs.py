@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from server.engine.engine import Engine, ServerBusy, SessionFailed
-from server.engine.session import SessionParams
-from server.media import write_mp4
+from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed
+from ca2vdm.server.engine.session import SessionParams
+from ca2vdm.server.media import write_mp4
 
 log = logging.getLogger("ca2vdm.jobs")
 

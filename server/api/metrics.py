@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from server.engine.engine import Engine, Histogram
+from ca2vdm.server.engine.engine import Engine, Histogram
 
 
 def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:

@@ -9,12 +9,15 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.engine.session import SessionParams
-from server.media import load_image
-from server.model.diffusion import DEFAULT_STEPS
+from ca2vdm.server.engine.session import SessionParams
+from ca2vdm.server.media import FORMATS, load_image
+from ca2vdm.server.model.diffusion import SAMPLERS
+
+SamplerName = Literal[SAMPLERS]  # type: ignore[valid-type]  # Literal["ddim", "iddpm"]
+FormatName = Literal[FORMATS]  # type: ignore[valid-type]  # Literal["fmp4", "jpeg"]
 
 if TYPE_CHECKING:
-    from server.engine.engine import Engine
+    from ca2vdm.server.engine.engine import Engine
 
     from .settings import Settings
 
@@ -27,10 +30,10 @@ class StartMessage(BaseModel):
     type: Literal["start"]
     image: str | None = None  # base64 PNG/JPEG
     seed: int | None = Field(None, ge=0, lt=2**63)
-    sampler: Literal["ddim", "iddpm"] | None = None
+    sampler: SamplerName | None = None
     steps: int | None = Field(None, ge=1)
     num_frames: int | None = Field(None, ge=1)
-    format: Literal["fmp4", "jpeg"] = "fmp4"
+    format: FormatName = "fmp4"
 
 
 def decode_base64(data: str, max_bytes: int) -> bytes:
@@ -53,7 +56,7 @@ class VideoRequest(BaseModel):
     image: str | None = None
     num_frames: int = Field(ge=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    sampler: Literal["ddim", "iddpm"] | None = None
+    sampler: SamplerName | None = None
     steps: int | None = Field(None, ge=1)
 
 
@@ -77,7 +80,7 @@ def build_params(
         image = load_image(raw, size=pipe.frame_size, max_pixels=settings.max_image_pixels)
     sampler = sampler or pipe.config.default_sampler
     if steps is None:
-        steps = pipe.config.default_steps if sampler == pipe.config.default_sampler else DEFAULT_STEPS[sampler]
+        steps = pipe.default_steps(sampler)
     if steps > settings.max_steps:
         raise ValueError(f"steps must be <= {settings.max_steps}")
     if num_frames is not None and num_frames > settings.max_frames:

@@ -15,8 +15,8 @@ import logging
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from server.engine.engine import Engine, ServerBusy, SessionFailed, SessionHandle
-from server.engine.session import SessionParams
+from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed, SessionHandle
+from ca2vdm.server.engine.session import SessionParams
 
 from .auth import key_is_valid
 from .schemas import StartMessage, build_params

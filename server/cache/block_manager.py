@@ -1,12 +1,14 @@
-"""CPU bookkeeping of the paged K/V pool: free lists, reference counts, and each stream's page ring.
+"""CPU bookkeeping of the paged K/V pool: free lists and each stream's page ring.
 
-No tensors here. A page holds one frame's K/V for every layer (see `server/cache/pool.py` for why), so
-one page id per frame serves all layers. Two id spaces exist: temporal pages (the queue of conditional
-frames) and prefix pages (the prefix-enhanced attention's K/V of a stream's last P frames).
+No tensors here. A page holds one frame's K/V for every layer (see `server/cache/pool.py` for why), so one page id
+per frame serves all layers. Two id spaces exist: temporal pages (the queue of conditional frames) and prefix pages
+(the prefix-enhanced attention's K/V of a stream's last P frames).
 
-Written pages are immutable while shared: a stream overwrites a page in place only when it is the page's
-sole owner (reference count 1) and the page is leaving its queue; otherwise it takes a fresh page. So
-forks and shared first frames need no copy-on-write.
+Every page belongs to exactly one stream. A stream's queue is a ring: once full, a write puts frame n on the page of
+frame n - max_frames, which is leaving the queue, so dequeuing copies nothing and a stream never holds more than
+`max_frames` temporal pages and `num_prefix` prefix pages. A write is transactional: `plan_write` picks (and, for a
+growing queue, allocates) every target page or raises OutOfPages having changed nothing; the caller runs the forward
+that fills the pages, then `commit_write`, or `abort_write` if the forward failed.
 """
 
 from __future__ import annotations
@@ -20,43 +22,36 @@ class OutOfPages(RuntimeError):
 
 
 class BlockManager:
-    """Free list and reference counts over page ids 0..num_pages-1."""
+    """Free list over page ids 0..num_pages-1."""
 
     def __init__(self, num_pages: int) -> None:
         if num_pages < 0:
             raise ValueError("num_pages must be >= 0")
         self.num_pages = num_pages
         self._free: deque[int] = deque(range(num_pages))
-        self._refs = [0] * num_pages
+        self._used = [False] * num_pages
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
-    def refcount(self, page: int) -> int:
-        return self._refs[page]
+    def is_used(self, page: int) -> bool:
+        return self._used[page]
 
     def allocate(self, n: int) -> list[int]:
-        """n fresh pages with reference count 1, or OutOfPages (nothing allocated)."""
+        """n free pages, or OutOfPages (nothing allocated)."""
         if n > len(self._free):
             raise OutOfPages(f"need {n} pages, {len(self._free)} of {self.num_pages} free")
         pages = [self._free.popleft() for _ in range(n)]
         for p in pages:
-            self._refs[p] = 1
+            self._used[p] = True
         return pages
 
-    def incref(self, pages: list[int]) -> None:
-        for p in pages:
-            assert self._refs[p] > 0, f"incref of free page {p}"
-            self._refs[p] += 1
-
     def free(self, pages: list[int]) -> None:
-        """Drop one reference from each page; pages reaching zero return to the free list."""
         for p in pages:
-            assert self._refs[p] > 0, f"double free of page {p}"
-            self._refs[p] -= 1
-            if self._refs[p] == 0:
-                self._free.append(p)
+            assert self._used[p], f"double free of page {p}"
+            self._used[p] = False
+            self._free.append(p)
 
 
 @dataclass
@@ -75,43 +70,28 @@ class StreamPages:
 
 @dataclass
 class WritePlan:
-    """Pages a pending write of `num_frames` frames per stream goes to, and what it releases on commit."""
+    """Where a pending write of `num_frames` frames per stream goes, and which of those pages it allocated."""
 
     num_frames: int
-    pages: list[list[int]]  # per stream: target page of each new frame
-    prefix_pages: list[list[int]]  # per stream: target page of each prefix slot
-    released: list[int]  # temporal pages to drop a reference from at commit
-    released_prefix: list[int]
-
-
-def _target_page(bm: BlockManager, old: int | None, released: list[int], fresh: list[int]) -> int:
-    """The page for an entry that replaces `old`: `old` itself when the stream owns it alone (overwritten in
-    place), else a fresh page (`old`, if any, is released at commit)."""
-    if old is not None and bm.refcount(old) == 1:
-        return old
-    if old is not None:
-        released.append(old)
-    page = bm.allocate(1)[0]
-    fresh.append(page)
-    return page
+    pages: list[list[int]] = field(default_factory=list)  # per stream: target page of each new frame
+    prefix_pages: list[list[int]] = field(default_factory=list)  # per stream: target page of each prefix slot
+    fresh: list[int] = field(default_factory=list)  # temporal pages allocated for this write (freed on abort)
+    fresh_prefix: list[int] = field(default_factory=list)
 
 
 class PageManager:
-    """Allocation policy over the two id spaces; streams are plain `StreamPages` records."""
+    """Allocation policy over the two id spaces for streams of at most `max_frames` cached frames."""
 
-    def __init__(self, num_pages: int, num_prefix_pages: int, num_prefix: int) -> None:
+    def __init__(self, num_pages: int, num_prefix_pages: int, num_prefix: int, max_frames: int) -> None:
+        if max_frames < 1:
+            raise ValueError("max_frames must be >= 1")
         self.temporal = BlockManager(num_pages)
         self.prefix = BlockManager(num_prefix_pages)
         self.num_prefix = num_prefix
+        self.max_frames = max_frames
 
-    def new_stream(self, max_frames: int) -> StreamPages:
-        return StreamPages(max_frames=max_frames)
-
-    def fork(self, stream: StreamPages) -> StreamPages:
-        """A second stream continuing from the same point; shares every page."""
-        self.temporal.incref(stream.ring)
-        self.prefix.incref(stream.prefix)
-        return StreamPages(stream.max_frames, list(stream.ring), stream.num_written, list(stream.prefix))
+    def new_stream(self) -> StreamPages:
+        return StreamPages(max_frames=self.max_frames)
 
     def release(self, stream: StreamPages) -> None:
         """Give back all of a stream's pages (cancel, disconnect, finish)."""
@@ -120,82 +100,45 @@ class PageManager:
         stream.ring, stream.prefix = [], []
 
     def plan_write(self, streams: list[StreamPages], num_frames: int) -> WritePlan:
-        """Choose target pages for a write of `num_frames` frames to each stream, allocating what is
-        needed. Raises OutOfPages with nothing allocated."""
-        plan = WritePlan(num_frames, [], [], [], [])
-        fresh_t: list[int] = []
-        fresh_p: list[int] = []
+        """Target pages for a write of `num_frames` frames to each stream: pages of dequeued frames are reused in
+        place, a queue that is still growing gets fresh ones. Raises OutOfPages with nothing allocated."""
+        assert num_frames <= self.max_frames, "a chunk longer than the cache queue"
+        plan = WritePlan(num_frames)
         try:
             for st in streams:
-                assert num_frames <= st.max_frames, "a chunk longer than the cache queue"
-                targets = []
-                for i in range(num_frames):
-                    n = st.num_written + i
-                    old = st.ring[n % st.max_frames] if n >= st.max_frames else None
-                    targets.append(_target_page(self.temporal, old, plan.released, fresh_t))
-                plan.pages.append(targets)
-                ptargets = [
-                    _target_page(self.prefix, st.prefix[slot] if st.prefix else None, plan.released_prefix, fresh_p)
-                    for slot in range(self.num_prefix)
-                ]
-                plan.prefix_pages.append(ptargets)
+                grow = max(0, min(st.num_written + num_frames, self.max_frames) - st.num_written)
+                fresh = self.temporal.allocate(grow)
+                plan.fresh += fresh
+                fresh_iter = iter(fresh)
+                plan.pages.append([
+                    st.ring[n % self.max_frames] if n >= self.max_frames else next(fresh_iter)
+                    for n in range(st.num_written, st.num_written + num_frames)
+                ])  # fmt: skip
+                prefix = st.prefix or self.prefix.allocate(self.num_prefix)
+                if not st.prefix:
+                    plan.fresh_prefix += prefix
+                plan.prefix_pages.append(list(prefix))
         except OutOfPages:
-            self.temporal.free(fresh_t)
-            self.prefix.free(fresh_p)
+            self.abort_write(plan)
             raise
         return plan
 
     def commit_write(self, streams: list[StreamPages], plan: WritePlan) -> None:
-        for st, targets, ptargets in zip(streams, plan.pages, plan.prefix_pages, strict=True):
+        """The write's pages now hold its frames: extend (or rotate) each ring."""
+        assert len(streams) == len(plan.pages), "a plan for other streams"
+        for st, targets, prefix in zip(streams, plan.pages, plan.prefix_pages, strict=True):
             for i, page in enumerate(targets):
                 n = st.num_written + i
-                if n < st.max_frames:
+                if n < self.max_frames:
                     st.ring.append(page)
                 else:
-                    st.ring[n % st.max_frames] = page
+                    assert st.ring[n % self.max_frames] == page
             st.num_written += plan.num_frames
-            st.prefix = ptargets
-        self.temporal.free(plan.released)
-        self.prefix.free(plan.released_prefix)
+            st.prefix = prefix
 
-
-class FirstFrameIndex:
-    """Shares first frames: streams started from the same condition image, seed and prefix perturbation
-    write identical first-frame K/V, so a later one forks the pages of an earlier one instead of running
-    the write. Each entry holds one reference to its pages; least recently used entries are dropped past
-    `capacity`, and `evict` frees them when the pool runs short.
-    """
-
-    def __init__(self, manager: PageManager, capacity: int = 64) -> None:
-        from collections import OrderedDict
-
-        self.manager = manager
-        self.capacity = capacity
-        self._entries: OrderedDict[object, StreamPages] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def lookup(self, key: object) -> StreamPages | None:
-        """A new stream sharing the cached first frame of `key`, or None."""
-        template = self._entries.get(key)
-        if template is None:
-            return None
-        self._entries.move_to_end(key)
-        return self.manager.fork(template)
-
-    def insert(self, key: object, stream: StreamPages) -> None:
-        """Remember `stream` (which has written exactly its first frame) under `key`."""
-        assert stream.num_written == 1, "only a stream holding just its first frame can be shared"
-        if key in self._entries:
-            return
-        self._entries[key] = self.manager.fork(stream)
-        while len(self._entries) > self.capacity:
-            self.manager.release(self._entries.popitem(last=False)[1])
-
-    def evict(self, num_entries: int | None = None) -> int:
-        """Release the `num_entries` least recently used entries (all by default); returns how many."""
-        n = len(self._entries) if num_entries is None else min(num_entries, len(self._entries))
-        for _ in range(n):
-            self.manager.release(self._entries.popitem(last=False)[1])
-        return n
+    def abort_write(self, plan: WritePlan) -> None:
+        """The write did not happen: free what it allocated; the rings stay as they were. A forward that failed
+        midway may have overwritten part of the pages it reuses in place, so the caller ends those streams."""
+        self.temporal.free(plan.fresh)
+        self.prefix.free(plan.fresh_prefix)
+        plan.fresh, plan.fresh_prefix = [], []

@@ -1,8 +1,15 @@
 """`PagedKVCache`: the model's `KVCache` for a batch of streams over the shared page pool.
 
-Each stream may hold any number of cached frames (0..P_max) and sit at any absolute position; one
-forward serves them all. Reads go through the Triton kernels on CUDA (or with TRITON_INTERPRET=1), and
-through the plain torch references on the CPU.
+Each stream may hold any number of cached frames (0..P_max) and sit at any absolute position; one forward serves
+them all. Reads go through the Triton kernels on CUDA (or with TRITON_INTERPRET=1), and through the plain torch
+references on the CPU.
+
+The device-side tables (page table, prefix table, cache lengths, positions, write targets) are allocated once, for
+`rows` rows, and refilled in place: `load(streams)` points them at a batch of streams (rows beyond the batch read
+and write the pool's scratch pages), `begin_write` plans a write and fills in its target pages. A CUDA graph
+captured over one of these objects therefore replays against whatever was loaded last, and host-side bookkeeping
+never runs inside a graph. Eager callers make one per batch (rows = its streams) and use `model.write`, which
+brackets the forward with `begin_write` / `commit_write`.
 """
 
 from __future__ import annotations
@@ -10,14 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.paged_prefix_attention import (
+from ca2vdm.kernels.paged_prefix_attention import (
     paged_prefix_attention,
     paged_prefix_attention_reference,
     paged_prefix_attention_sdpa,
 )
-from kernels.paged_temporal_attention import paged_temporal_attention, paged_temporal_attention_reference
-from kernels.paged_write import paged_write, paged_write_reference
-from server.model.cache import KVCache
+from ca2vdm.kernels.paged_temporal_attention import paged_temporal_attention, paged_temporal_attention_reference
+from ca2vdm.kernels.paged_write import paged_write, paged_write_reference
+from ca2vdm.server.model.cache import KVCache
 
 from .block_manager import PageManager, StreamPages, WritePlan
 from .pool import KVPool
@@ -32,9 +39,16 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def copy_from_host(dst: Tensor, src: Tensor) -> None:
+    """`dst.copy_(src)` for a host tensor `src`, without a stream synchronisation (see `to_device`): how the
+    fixed-address tables are refilled."""
+    dst.copy_(src.pin_memory() if dst.device.type == "cuda" else src, non_blocking=True)
+
+
 class PagedKVCache(KVCache):
-    """`backend`: "triton" (the paged kernels), "torch" (plain references), "auto" (triton on CUDA, torch on
-    the CPU; tests run the kernels on the CPU with backend="triton" under TRITON_INTERPRET=1).
+    """`streams`: the batch to load now; `rows`: the tables' fixed row count (default: one per stream).
+    `backend`: "triton" (the paged kernels), "torch" (plain references), "auto" (triton on CUDA, torch on the
+    CPU; tests run the kernels on the CPU with backend="triton" under TRITON_INTERPRET=1).
     `prefix_kernel`: with the triton backend, prefix attention runs as gather + SDPA ("sdpa", the default:
     measured faster at 4+ streams) or as the paged Triton kernel ("triton")."""
 
@@ -42,18 +56,16 @@ class PagedKVCache(KVCache):
         self,
         pool: KVPool,
         manager: PageManager,
-        streams: list[StreamPages],
+        streams: list[StreamPages] | None = None,
+        *,
+        rows: int | None = None,
         backend: str = "auto",
         prefix_kernel: str = "sdpa",
     ) -> None:
-        if not streams:
-            raise ValueError("a batch needs at least one stream")
-        max_frames = {st.max_frames for st in streams}
-        if len(max_frames) != 1:
-            raise ValueError("streams in one batch must share max_frames")
-        self.pool, self.manager, self.streams = pool, manager, streams
-        self.max_frames = max_frames.pop()
-        self.prefix_frames = manager.num_prefix
+        streams = streams or []
+        rows = len(streams) if rows is None else rows
+        if rows < 1:
+            raise ValueError("a batch needs at least one row")
         self.device = pool.temporal.device
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" else "torch"
@@ -61,31 +73,76 @@ class PagedKVCache(KVCache):
             raise ValueError(f"unknown backend {backend!r}")
         if prefix_kernel not in ("sdpa", "triton"):
             raise ValueError(f"unknown prefix kernel {prefix_kernel!r}")
-        self.backend = backend
-        self.prefix_kernel = prefix_kernel
+        self.pool, self.manager = pool, manager
+        self.backend, self.prefix_kernel = backend, prefix_kernel
+        self.rows = rows
+        self.max_frames = manager.max_frames
+        self.prefix_frames = manager.num_prefix
+        dev = self.device
+        self.page_table = torch.zeros(rows, self.max_frames, dtype=torch.int32, device=dev)
+        self.prefix_table = torch.zeros(rows, self.prefix_frames, dtype=torch.int32, device=dev)
+        self.cache_lens = torch.zeros(rows, dtype=torch.int32, device=dev)
+        self._positions = torch.zeros(rows, dtype=torch.long, device=dev)
+        self._targets: dict[int, tuple[Tensor, Tensor]] = {}  # frames per write -> (temporal, prefix) target pages
         self._plan: WritePlan | None = None
-        self._refresh()
+        self.streams: list[StreamPages] = []
+        self.load(streams)
 
-    def _refresh(self) -> None:
-        """Device copies of the page tables (one host-to-device copy per batch state change)."""
-        b = len(self.streams)
-        table = torch.zeros(b, self.max_frames, dtype=torch.int32)
-        prefix = torch.zeros(b, self.prefix_frames, dtype=torch.int32)
-        for i, st in enumerate(self.streams):
+    # ---- host side: what the tables describe -----------------------------------------------------------
+
+    def load(self, streams: list[StreamPages]) -> None:
+        """Point the tables at `streams` (at most `rows`; the other rows get empty queues and scratch pages)."""
+        assert self._plan is None, "load during a write"
+        assert len(streams) <= self.rows, f"{len(streams)} streams for {self.rows} rows"
+        assert all(st.max_frames == self.max_frames for st in streams), "streams of another queue length"
+        self.streams = list(streams)
+        table = torch.zeros(self.rows, self.max_frames, dtype=torch.int32)
+        prefix = torch.full((self.rows, self.prefix_frames), self.pool.scratch_prefix_page, dtype=torch.int32)
+        lens = torch.zeros(self.rows, dtype=torch.int32)
+        positions = torch.zeros(self.rows, dtype=torch.long)
+        for i, st in enumerate(streams):
             table[i, : st.num_cached] = torch.tensor(st.ring, dtype=torch.int32)
             if st.prefix:
                 prefix[i] = torch.tensor(st.prefix, dtype=torch.int32)
-        self.page_table = to_device(table, self.device)
-        self.prefix_table = to_device(prefix, self.device)
-        lens = torch.tensor([st.num_cached for st in self.streams], dtype=torch.int32)
-        self.cache_lens = to_device(lens, self.device)
-        self._positions = to_device(torch.tensor([st.num_written for st in self.streams]), self.device)
+            lens[i], positions[i] = st.num_cached, st.num_written
+        for dst, src in ((self.page_table, table), (self.prefix_table, prefix), (self.cache_lens, lens),
+                         (self._positions, positions)):  # fmt: skip
+            copy_from_host(dst, src)
 
-    # ---- KVCache ----------------------------------------------------------------------------------------
+    def begin_write(self, num_frames: int) -> None:
+        """Plan a write of `num_frames` frames to every loaded stream and fill in the target pages. Raises
+        OutOfPages with nothing changed."""
+        assert self._plan is None, "a write is already in progress"
+        plan = self.manager.plan_write(self.streams, num_frames)
+        pad = self.rows - len(self.streams)
+        pages = torch.tensor(plan.pages + [[self.pool.scratch_page] * num_frames] * pad, dtype=torch.int32)
+        prefix = torch.tensor(plan.prefix_pages + [[self.pool.scratch_prefix_page] * self.prefix_frames] * pad,
+                              dtype=torch.int32)  # fmt: skip
+        if num_frames not in self._targets:
+            self._targets[num_frames] = (
+                torch.empty((self.rows, num_frames), dtype=torch.int32, device=self.device),
+                torch.empty((self.rows, self.prefix_frames), dtype=torch.int32, device=self.device),
+            )
+        for dst, src in zip(self._targets[num_frames], (pages, prefix), strict=True):
+            copy_from_host(dst, src.view(dst.shape))
+        self._plan = plan
+
+    def commit_write(self) -> None:
+        assert self._plan is not None, "commit without a write"
+        plan, self._plan = self._plan, None
+        self.manager.commit_write(self.streams, plan)
+        self.load(self.streams)
+
+    def abort_write(self) -> None:
+        if self._plan is not None:
+            plan, self._plan = self._plan, None
+            self.manager.abort_write(plan)
+
+    # ---- KVCache: what the forward calls -----------------------------------------------------------------
 
     @property
     def batch_size(self) -> int:
-        return len(self.streams)
+        return self.rows
 
     def positions(self) -> Tensor:
         return self._positions
@@ -111,18 +168,10 @@ class PagedKVCache(KVCache):
         return fn(q, self.pool.prefix[layer], self.prefix_table).flatten(-2)
 
     def store(self, layer: int, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None) -> None:
-        if self._plan is None:  # first layer of a write: choose pages (may raise OutOfPages, nothing written)
-            self._plan = self.manager.plan_write(self.streams, k.shape[2])
-            self._new_pages = to_device(torch.tensor(self._plan.pages, dtype=torch.int32), self.device)
-            self._new_prefix = to_device(torch.tensor(self._plan.prefix_pages, dtype=torch.int32), self.device)
+        assert self._plan is not None, "store outside a write: call begin_write first (model.write does)"
+        pages, prefix_pages = self._targets[k.shape[2]]
         write = paged_write if self.backend == "triton" else paged_write_reference
-        write(k.transpose(1, 2), v.transpose(1, 2), self.pool.temporal[layer], self._new_pages)  # (B, T, S, H, D)
+        write(k.transpose(1, 2), v.transpose(1, 2), self.pool.temporal[layer], pages)  # (B, T, S, H, D)
         if self.prefix_frames:
             assert prefix_k is not None and prefix_v is not None
-            write(prefix_k, prefix_v, self.pool.prefix[layer], self._new_prefix)
-
-    def commit(self, num_frames: int) -> None:
-        assert self._plan is not None and self._plan.num_frames == num_frames, "commit without a matching write"
-        self.manager.commit_write(self.streams, self._plan)
-        self._plan = None
-        self._refresh()
+            write(prefix_k, prefix_v, self.pool.prefix[layer], prefix_pages)

@@ -16,10 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from server.model.config import ModelConfig
+from ca2vdm.server.model.config import ModelConfig
 
 
 class KVPool:
+    """`num_pages` temporal and `num_prefix_pages` prefix pages that streams own, plus one scratch page of each kind
+    (ids `num_pages` and `num_prefix_pages`) that no stream owns: rows that pad a batch up to a CUDA graph's size
+    write there and read from there."""
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -28,12 +32,13 @@ class KVPool:
         device: torch.device | str,
         dtype: torch.dtype,
     ) -> None:
-        shape = (cfg.depth, num_pages, 2, cfg.num_spatial, cfg.num_heads, cfg.head_dim)
-        pshape = (cfg.depth, num_prefix_pages, 2, cfg.num_spatial, cfg.num_heads, cfg.head_dim)
+        shape = (cfg.depth, num_pages + 1, 2, cfg.num_spatial, cfg.num_heads, cfg.head_dim)
+        pshape = (cfg.depth, num_prefix_pages + 1, 2, cfg.num_spatial, cfg.num_heads, cfg.head_dim)
         self.temporal: Tensor = torch.empty(shape, device=device, dtype=dtype)
         self.prefix: Tensor = torch.empty(pshape, device=device, dtype=dtype)
         self.num_pages = num_pages
         self.num_prefix_pages = num_prefix_pages
+        self.scratch_page, self.scratch_prefix_page = num_pages, num_prefix_pages
 
     @staticmethod
     def page_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:

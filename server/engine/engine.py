@@ -20,11 +20,12 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from server.model.loader import Pipeline
+from ca2vdm.server.media import ClipEncoder, make_encoder
+from ca2vdm.server.model.loader import Pipeline
 
-from .output import make_encoder
+from .config import EngineConfig
 from .runner import ModelRunner
-from .scheduler import Scheduler, SchedulerConfig, StepPlan
+from .scheduler import Scheduler, StepPlan
 from .session import Clip, Session, SessionParams, SessionState
 
 log = logging.getLogger("ca2vdm.engine")
@@ -87,6 +88,17 @@ class StreamInfo:
     init_segment: bytes | None
 
 
+@dataclass(eq=False)
+class _Live:
+    """The engine's record of a session it serves: the scheduler's record, the consumer's handle, its encoder,
+    and the last encode job (each job waits for the previous one: a session's clips leave in order)."""
+
+    session: Session
+    handle: SessionHandle
+    encoder: ClipEncoder | None
+    tail: Future[None] | None = None
+
+
 class SessionHandle:
     """The consumer's side of a session: an async iterator of clips."""
 
@@ -124,23 +136,15 @@ class SessionHandle:
 
 
 class Engine:
-    def __init__(
-        self,
-        pipe: Pipeline,
-        config: SchedulerConfig | None = None,
-        encode_workers: int = 2,
-        cuda_graphs: bool = True,
-    ) -> None:
+    def __init__(self, pipe: Pipeline, config: EngineConfig | None = None) -> None:
         self.pipe = pipe
-        self.config = config or SchedulerConfig()
+        self.config = config or EngineConfig()
         self.scheduler = Scheduler(self.config)
-        self.runner = ModelRunner(pipe, self.config, cuda_graphs=cuda_graphs)
+        self.runner = ModelRunner(pipe, self.config)
         self.stats = EngineStats()
         self.fault_hook: Callable[[str, list[Session]], None] | None = None  # tests inject failures here
-        self._handles: dict[str, SessionHandle] = {}
-        self._encoders: dict[str, object] = {}
-        self._encode_chain: dict[str, Future[None]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=encode_workers, thread_name_prefix="ca2vdm-encode")
+        self._live: dict[str, _Live] = {}
+        self._pool = ThreadPoolExecutor(max_workers=self.config.encode_workers, thread_name_prefix="ca2vdm-encode")
         self._cond = threading.Condition()
         self._running = False
         self._thread = threading.Thread(target=self._loop, name="ca2vdm-engine", daemon=True)
@@ -199,16 +203,15 @@ class Engine:
             fps=self.pipe.config.fps,
             chunk_frames=self.pipe.config.chunk_frames,
             format=params.format,
-            mime=getattr(encoder, "mime", None),
-            init_segment=encoder.init_segment() if params.format == "fmp4" else None,  # type: ignore[union-attr]
+            mime=None if encoder is None else encoder.mime,
+            init_segment=None if encoder is None else encoder.init_segment(),
         )
         handle = SessionHandle(self, session, info, asyncio.get_running_loop())
         with self._cond:
             if not self.scheduler.add(session):
                 self.stats.sessions_total["rejected"] += 1
                 raise ServerBusy("server busy: too many sessions waiting")
-            self._handles[session.id] = handle
-            self._encoders[session.id] = encoder
+            self._live[session.id] = _Live(session, handle, encoder)
             self._cond.notify_all()
         return handle
 
@@ -285,11 +288,10 @@ class Engine:
 
     def _denoise(self, sessions: list[Session]) -> None:
         start = time.perf_counter()
-        self.runner.denoise(sessions)
-        done = [s for s in sessions if s.k < 0]
+        done = self.runner.denoise(sessions)
         if done:
-            counts = [self.runner.chunk_frames if s.frames_left is None else min(self.runner.chunk_frames,
-                      s.frames_left) for s in done]  # fmt: skip
+            chunk = self.runner.chunk_frames
+            counts = [chunk if s.frames_left is None else min(chunk, s.frames_left) for s in done]
             continues = [s for s, n in zip(done, counts, strict=True) if s.frames_left is None or s.frames_left > n]
             clips = self.runner.decode_chunks(done, counts)
             now = time.monotonic()
@@ -317,18 +319,16 @@ class Engine:
             self._finish(s, SessionState.COMPLETED)
 
     def _submit_encode(self, s: Session, clip: Clip) -> None:
-        """Encode on the worker pool; clips of one session are delivered in order (each job waits for the
-        previous one of its session)."""
-        handle, encoder = self._handles[s.id], self._encoders.get(s.id)
-        previous = self._encode_chain.get(s.id)
+        """Encode on the worker pool, after the session's previous clip."""
+        live = self._live[s.id]
+        previous, encoder, handle = live.tail, live.encoder, live.handle
 
         def job() -> None:
             if previous is not None:
                 previous.result()
             try:
                 if encoder is not None:
-                    media = encoder.encode_clip(clip.frames, clip.first_frame)  # type: ignore[attr-defined]
-                    clip.media = media if isinstance(media, list) else [media]
+                    clip.media = encoder.encode(clip.frames, clip.first_frame)
             except Exception as exc:  # fails this session only; the engine thread ends it at the next step
                 log.exception("encoding failed for session %s", s.id)
                 s.error = f"encoding failed: {type(exc).__name__}: {exc}"
@@ -337,7 +337,7 @@ class Engine:
                 return
             handle._deliver(clip)
 
-        self._encode_chain[s.id] = self._pool.submit(job)
+        live.tail = self._pool.submit(job)
 
     def _finish(self, s: Session, state: SessionState, error: str | None = None) -> None:
         """End a session: free its pages at once, tell its consumer after its last clip."""
@@ -346,16 +346,14 @@ class Engine:
         with self._cond:
             self.scheduler.remove(s)
         self.stats.sessions_total[state.value] += 1
-        handle = self._handles.pop(s.id, None)
-        self._encoders.pop(s.id, None)
-        previous = self._encode_chain.pop(s.id, None)
-        if handle is None:
+        live = self._live.pop(s.id, None)
+        if live is None:
             return
         event: object = "done" if state is not SessionState.FAILED else SessionFailed("internal", error or "failed")
 
         def deliver() -> None:
-            if previous is not None:
-                previous.result()
-            handle._deliver(event)
+            if live.tail is not None:
+                live.tail.result()
+            live.handle._deliver(event)
 
         self._pool.submit(deliver)

@@ -1,82 +1,27 @@
 """CUDA graphs of the batched denoising forward and of the cache write, one per batch-size bucket.
 
-The eager XL/2 forward launches ~1,100 kernels from Python; replaying a captured graph removes that
-launch overhead. A graph needs fixed shapes and fixed addresses, so each bucket owns static inputs (the
-latents, timesteps and page tables); a batch is padded up to its bucket with rows that attend to no cached
-frame and are discarded. Page tables change between steps (writes, joins), which is why they are inputs
-copied into the static buffers before every replay rather than baked into the graph.
+The eager XL/2 forward launches ~1,100 kernels from Python; replaying a captured graph removes that launch
+overhead. A graph needs fixed shapes and fixed addresses, so each graph owns static inputs (latents, timesteps) and
+its own `PagedKVCache`, whose tables sit at fixed addresses and are refilled before every replay (`load`, and
+`begin_write` for a write's target pages): page tables change between steps (writes, joins). A batch is padded up
+to its bucket with rows that read an empty queue and write the pool's scratch page; their outputs are discarded.
 
-A write graph (one per bucket and chunk length: 1 frame for a condition frame, T for a chunk) also takes the
-target pages as inputs: the write is planned on the host (`PageManager.plan_write`), its page ids copied in,
-the graph replayed, and the plan committed. Padded rows write into a scratch page that no stream owns.
+A write graph (one per bucket and chunk length: 1 frame for a condition frame, T for a chunk) captures
+`CausalSTDiT.write_kv`, the forward alone; planning and committing the write stay on the host around the replay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from kernels.paged_write import paged_write
-from server.cache.block_manager import PageManager, StreamPages, WritePlan
-from server.cache.paged import PagedKVCache, to_device
-from server.cache.pool import KVPool
-from server.model.stdit import CausalSTDiT
-
-
-class _StaticPagedCache(PagedKVCache):
-    """A read-only PagedKVCache whose device tables live at fixed addresses (refilled by `load`)."""
-
-    def __init__(self, pool: KVPool, manager: PageManager, rows: int, max_frames: int) -> None:
-        dummy = [StreamPages(max_frames) for _ in range(rows)]
-        self._rows = rows
-        super().__init__(pool, manager, dummy, backend="triton")
-
-    def load(self, streams: list[StreamPages]) -> None:
-        self.streams = streams + [StreamPages(self.max_frames) for _ in range(self._rows - len(streams))]
-        old = (self.page_table, self.prefix_table, self.cache_lens, self._positions)
-        self._refresh()  # builds new tables; copy them into the captured addresses
-        for dst, src in zip(old, (self.page_table, self.prefix_table, self.cache_lens, self._positions), strict=True):
-            dst.copy_(src)
-        self.page_table, self.prefix_table, self.cache_lens, self._positions = old
-
-    def attend_prefix(self, layer: int, q: Tensor) -> Tensor:  # padded rows have no prefix: page 0 stands in
-        from kernels.paged_prefix_attention import paged_prefix_attention_sdpa
-
-        return paged_prefix_attention_sdpa(q, self.pool.prefix[layer], self.prefix_table).flatten(-2)
-
-    def store(self, *args, **kwargs) -> None:
-        raise AssertionError("the denoising graph's cache is read-only: writes go through GraphedWriter")
-
-
-class _StaticWriteCache(_StaticPagedCache):
-    """The write side: target pages are static inputs too; `commit` is left to the caller (after the replay)."""
-
-    def __init__(self, pool: KVPool, manager: PageManager, rows: int, max_frames: int, frames: int,
-                 scratch: tuple[int, int]) -> None:  # fmt: skip
-        super().__init__(pool, manager, rows, max_frames)
-        self.scratch = scratch  # (temporal page, prefix page) that padded rows write into
-        self.new_pages = torch.full((rows, frames), scratch[0], dtype=torch.int32, device=self.device)
-        self.new_prefix = torch.full((rows, self.prefix_frames), scratch[1], dtype=torch.int32, device=self.device)
-
-    def load_write(self, streams: list[StreamPages], plan: WritePlan) -> None:
-        self.load(streams)
-        rows, frames = self.new_pages.shape
-        pad = rows - len(streams)
-        pages = torch.tensor(plan.pages + [[self.scratch[0]] * frames] * pad, dtype=torch.int32)
-        prefix = torch.tensor(plan.prefix_pages + [[self.scratch[1]] * self.prefix_frames] * pad, dtype=torch.int32)
-        self.new_pages.copy_(to_device(pages.view(rows, frames), self.device))
-        self.new_prefix.copy_(to_device(prefix.view(rows, self.prefix_frames), self.device))
-
-    def store(self, layer: int, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None) -> None:
-        paged_write(k.transpose(1, 2), v.transpose(1, 2), self.pool.temporal[layer], self.new_pages)
-        if self.prefix_frames:
-            assert prefix_k is not None and prefix_v is not None
-            paged_write(prefix_k, prefix_v, self.pool.prefix[layer], self.new_prefix)
-
-    def commit(self, num_frames: int) -> None:  # inside the graph: nothing; GraphedWriter commits after replay
-        pass
+from ca2vdm.server.cache.block_manager import PageManager, StreamPages
+from ca2vdm.server.cache.paged import PagedKVCache
+from ca2vdm.server.cache.pool import KVPool
+from ca2vdm.server.model.stdit import CausalSTDiT
 
 
 def capture(forward: Callable[[], Tensor | None], mempool) -> tuple[torch.cuda.CUDAGraph, Tensor | None]:
@@ -93,90 +38,117 @@ def capture(forward: Callable[[], Tensor | None], mempool) -> tuple[torch.cuda.C
     return graph, out
 
 
-def _buckets(max_batch: int) -> list[int]:
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes that get a graph: powers of two below `max_batch`, and `max_batch`."""
     return [b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch] + [max_batch]
 
 
-class GraphedWriter:
-    """`model.write` over the paged pool as CUDA graphs, per (bucket, frames). The pool must hold one spare
-    temporal page and one spare prefix page beyond the manager's (`scratch`)."""
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    cache: PagedKVCache  # its tables are the graph's page inputs
+    x: Tensor  # (rows, C, T, h, w) static latents
+    t: Tensor | None  # (rows,) static timesteps (denoise only)
+    out: Tensor | None  # (rows, 2C, T, h, w) static output (denoise only)
 
-    def __init__(self, model: CausalSTDiT, pool: KVPool, pages: PageManager, max_frames: int,
-                 latent_shape: tuple[int, ...], max_batch: int, frame_counts: tuple[int, ...],
-                 scratch: tuple[int, int], mempool=None) -> None:  # fmt: skip
+
+class _GraphSet:
+    """Graphs of one forward, keyed by (rows, frames); captured on first use or all at once (`capture_all`).
+    Subclasses say which keys exist and what a graph runs; `writes`: the forward stores K/V, so a write is begun
+    (on the host, before the capture: nothing host-side may run inside a graph) for it to store into."""
+
+    writes = False
+
+    def __init__(self, model: CausalSTDiT, pool: KVPool, pages: PageManager, latent_shape: tuple[int, ...],
+                 max_batch: int, mempool=None) -> None:  # fmt: skip
         self.model, self.pool, self.pages = model, pool, pages
-        self.max_frames, self.latent_shape, self.scratch = max_frames, latent_shape, scratch
-        self.buckets = _buckets(max_batch)
-        self.frame_counts = frame_counts
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, _StaticWriteCache, Tensor]] = {}
+        self.latent_shape = latent_shape  # (C, T, h, w) of a chunk
+        self.buckets = batch_buckets(max_batch)
         self.mempool = mempool if mempool is not None else torch.cuda.graph_pool_handle()
+        self._graphs: dict[tuple[int, int], _Graph] = {}
 
-    def _capture(self, rows: int, frames: int) -> None:
-        cache = _StaticWriteCache(self.pool, self.pages, rows, self.max_frames, frames, self.scratch)
-        c, _, h, w = self.latent_shape
-        x = torch.zeros((rows, c, frames, h, w), device=self.pool.temporal.device)
-        graph, _ = capture(lambda: self.model.write(cache, x), self.mempool)
-        self._graphs[(rows, frames)] = (graph, cache, x)
+    def keys(self) -> list[tuple[int, int]]:
+        raise NotImplementedError
 
-    def capture_all(self) -> None:
-        for rows in self.buckets:
-            for frames in self.frame_counts:
-                if (rows, frames) not in self._graphs:
-                    self._capture(rows, frames)
-
-    def __call__(self, streams: list[StreamPages], x: Tensor) -> None:
-        """Write the clean chunks x (B, C, T, h, w) into the streams' caches (plan, replay, commit)."""
-        n, frames = x.shape[0], x.shape[2]
-        rows = next(b for b in self.buckets if b >= n)
-        if (rows, frames) not in self._graphs:
-            self._capture(rows, frames)
-        graph, cache, sx = self._graphs[(rows, frames)]
-        plan = self.pages.plan_write(streams, frames)  # may raise OutOfPages: nothing written yet
-        cache.load_write(streams, plan)
-        sx[:n].copy_(x)
-        graph.replay()
-        self.pages.commit_write(streams, plan)
-
-
-class GraphedDenoiser:
-    def __init__(
-        self,
-        model: CausalSTDiT,
-        pool: KVPool,
-        pages: PageManager,
-        max_frames: int,
-        latent_shape: tuple[int, ...],
-        max_batch: int,
-    ) -> None:
-        self.model, self.pool, self.pages = model, pool, pages
-        self.max_frames, self.latent_shape = max_frames, latent_shape
-        self.buckets = _buckets(max_batch)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, _StaticPagedCache, Tensor, Tensor, Tensor]] = {}
-        self.mempool = torch.cuda.graph_pool_handle()  # shared with the write graphs: replays never overlap
-
-    def _capture(self, rows: int) -> None:
-        dev = self.pool.temporal.device
-        cache = _StaticPagedCache(self.pool, self.pages, rows, self.max_frames)
-        x = torch.zeros((rows, *self.latent_shape), device=dev)
-        t = torch.zeros(rows, dtype=torch.long, device=dev)
-        graph, out = capture(lambda: self.model.denoise(cache, x, t), self.mempool)
-        assert out is not None
-        self._graphs[rows] = (graph, cache, x, t, out)
+    def _record(self, cache: PagedKVCache, x: Tensor, t: Tensor) -> Tensor | None:
+        """The captured work: a forward over `cache` and the static inputs."""
+        raise NotImplementedError
 
     def capture_all(self) -> None:
-        """Capture every bucket now (server warm-up), so no session pays for a capture."""
-        for rows in self.buckets:
-            if rows not in self._graphs:
-                self._capture(rows)
+        """Capture every graph now (server warm-up), so no session pays for a capture."""
+        for key in self.keys():
+            self._get(key)
+
+    def _get(self, key: tuple[int, int]) -> _Graph:
+        if key not in self._graphs:
+            rows, frames = key
+            c, _, h, w = self.latent_shape
+            dev = self.pool.temporal.device
+            cache = PagedKVCache(self.pool, self.pages, rows=rows, backend="triton")
+            x = torch.zeros((rows, c, frames, h, w), device=dev)
+            t = torch.zeros(rows, dtype=torch.long, device=dev)
+            if self.writes:
+                cache.begin_write(frames)  # no streams loaded: every row writes the scratch pages
+            try:
+                graph, out = capture(lambda: self._record(cache, x, t), self.mempool)
+            finally:
+                cache.abort_write()
+            self._graphs[key] = _Graph(graph, cache, x, t, out)
+        return self._graphs[key]
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+
+class GraphedDenoiser(_GraphSet):
+    """`model.denoise` over the paged pool, one graph per batch bucket."""
+
+    def keys(self) -> list[tuple[int, int]]:
+        return [(rows, self.latent_shape[1]) for rows in self.buckets]
+
+    def _record(self, cache: PagedKVCache, x: Tensor, t: Tensor) -> Tensor | None:
+        return self.model.denoise(cache, x, t)
 
     def __call__(self, streams: list[StreamPages], x: Tensor, t: Tensor) -> Tensor:
+        """Epsilon | variance (B, 2C, T, h, w) of the chunks x (B, C, T, h, w) at timesteps t (B,)."""
         n = x.shape[0]
-        rows = next(b for b in self.buckets if b >= n)
-        if rows not in self._graphs:
-            self._capture(rows)
-        graph, cache, sx, st, out = self._graphs[rows]
-        cache.load(streams)
-        sx[:n].copy_(x)
-        st[:n].copy_(t)
-        graph.replay()
-        return out[:n].clone()
+        g = self._get((self._bucket(n), x.shape[2]))
+        g.cache.load(streams)
+        g.x[:n].copy_(x)
+        g.t[:n].copy_(t)
+        g.graph.replay()
+        assert g.out is not None
+        return g.out[:n].clone()
+
+
+class GraphedWriter(_GraphSet):
+    """`model.write` over the paged pool, one graph per batch bucket and chunk length in `frame_counts`."""
+
+    writes = True
+
+    def __init__(self, model: CausalSTDiT, pool: KVPool, pages: PageManager, latent_shape: tuple[int, ...],
+                 max_batch: int, frame_counts: tuple[int, ...], mempool=None) -> None:  # fmt: skip
+        super().__init__(model, pool, pages, latent_shape, max_batch, mempool)
+        self.frame_counts = frame_counts
+
+    def keys(self) -> list[tuple[int, int]]:
+        return [(rows, frames) for rows in self.buckets for frames in self.frame_counts]
+
+    def _record(self, cache: PagedKVCache, x: Tensor, t: Tensor) -> Tensor | None:
+        self.model.write_kv(cache, x)
+        return None
+
+    def __call__(self, streams: list[StreamPages], x: Tensor) -> None:
+        """Write the clean chunks x (B, C, T, h, w) into the streams' caches: plan (may raise OutOfPages,
+        nothing written), replay, commit."""
+        n = x.shape[0]
+        g = self._get((self._bucket(n), x.shape[2]))
+        g.cache.load(streams)
+        g.cache.begin_write(x.shape[2])
+        try:
+            g.x[:n].copy_(x)
+            g.graph.replay()
+        except BaseException:
+            g.cache.abort_write()
+            raise
+        g.cache.commit_write()

@@ -1,5 +1,6 @@
 """The model runner: owns the tensors (model, codec, page pool, each session's latents) and executes what the
-scheduler planned. It never changes scheduler state.
+scheduler planned. It reads sessions' parameters and never changes scheduler state; each session's device state
+lives here, in a `GenerationState` created at prefill and dropped at release.
 
 Every session draws its noise from its own generator in a fixed order (condition-frame perturbation,
 chunk noise, per-step noise, perturbation of the finished chunk, next chunk noise...), the same order as
@@ -9,53 +10,61 @@ sessions shared its batches.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from server.cache.block_manager import PageManager
-from server.cache.paged import PagedKVCache, to_device
-from server.cache.pool import KVPool
-from server.model.codecs import frames_to_uint8, uint8_to_frames
-from server.model.diffusion import Sampler
-from server.model.generate import perturb_for_cache
-from server.model.layers import take
-from server.model.loader import Pipeline
+from ca2vdm.server.cache.block_manager import PageManager, StreamPages
+from ca2vdm.server.cache.paged import PagedKVCache, to_device
+from ca2vdm.server.cache.pool import KVPool
+from ca2vdm.server.model.codecs import frames_to_uint8, uint8_to_frames
+from ca2vdm.server.model.diffusion import Sampler
+from ca2vdm.server.model.generate import perturb_for_cache
+from ca2vdm.server.model.layers import take
+from ca2vdm.server.model.loader import Pipeline
 
+from .config import EngineConfig
 from .graphs import GraphedDenoiser, GraphedWriter
-from .scheduler import SchedulerConfig
 from .session import Session, SessionParams
 
 
+@dataclass(eq=False)
+class GenerationState:
+    """One session's generation on the device: its cache pages, sampler, noise generator and the chunk in flight."""
+
+    pages: StreamPages
+    sampler: Sampler
+    timesteps: list[int]  # the sampler's model timesteps, by denoising index
+    generator: torch.Generator
+    x: Tensor  # (1, C, T, h, w) latents of the chunk being denoised
+    step: int  # next denoising index, counting down; -1: the chunk is finished
+
+
 class ModelRunner:
-    def __init__(self, pipe: Pipeline, config: SchedulerConfig, cuda_graphs: bool = True) -> None:
+    def __init__(self, pipe: Pipeline, config: EngineConfig) -> None:
         self.pipe = pipe
         self.model = pipe.model
         cfg = pipe.config
         self.chunk_frames = cfg.chunk_frames
-        self.max_frames = cfg.max_cache_frames
         self.perturb_t = cfg.prefix_perturb_t
-        self.max_sessions, self.max_batch = config.max_sessions, config.max_batch
         mc = cfg.model
         self.latent_shape = (mc.in_channels, cfg.chunk_frames, *mc.input_size[1:])  # (C, T, h, w)
-        # exactly a full queue and its prefix pages per admitted session: sessions share no pages yet, so a
-        # write replaces dequeued pages in place and never needs transient ones (see docs/cache.md)
-        num_pages = config.max_sessions * cfg.max_cache_frames
-        num_prefix = config.max_sessions * max(mc.prefix_frames, 1)
+        # exactly a full queue and its prefix pages per admitted session: admitted means its pages exist, and a
+        # write replaces dequeued pages in place, so a full queue never needs more (see docs/cache.md)
         dtype = next(self.model.parameters()).dtype
-        # one spare page of each kind (the last ids), owned by no stream: padded rows of write graphs write there
-        self.pool = KVPool(mc, num_pages + 1, num_prefix + 1, pipe.device, dtype)
-        self.pages = PageManager(num_pages, num_prefix, mc.prefix_frames)
+        self.pool = KVPool.for_sessions(mc, config.max_sessions, cfg.max_cache_frames, pipe.device, dtype)
+        self.pages = PageManager(self.pool.num_pages, self.pool.num_prefix_pages, mc.prefix_frames,
+                                 cfg.max_cache_frames)  # fmt: skip
+        self.states: dict[str, GenerationState] = {}
         self._samplers: dict[tuple[str, int], tuple[Sampler, list[int]]] = {}
-        self.graphs = None
-        self.writer = None
-        if cuda_graphs and pipe.device.type == "cuda":
-            self.graphs = GraphedDenoiser(
-                self.model, self.pool, self.pages, cfg.max_cache_frames, self.latent_shape, config.max_batch
-            )
-            self.writer = GraphedWriter(
-                self.model, self.pool, self.pages, cfg.max_cache_frames, self.latent_shape, config.max_batch,
-                frame_counts=(1, cfg.chunk_frames), scratch=(num_pages, num_prefix), mempool=self.graphs.mempool,
-            )  # fmt: skip
+        self.graphs: GraphedDenoiser | None = None
+        self.writer: GraphedWriter | None = None
+        if config.cuda_graphs and pipe.device.type == "cuda":
+            self.graphs = GraphedDenoiser(self.model, self.pool, self.pages, self.latent_shape, config.max_batch)
+            self.writer = GraphedWriter(self.model, self.pool, self.pages, self.latent_shape, config.max_batch,
+                                        frame_counts=(1, cfg.chunk_frames), mempool=self.graphs.mempool)  # fmt: skip
+        self._warm_up_batches = sorted({1, min(2, config.max_sessions, config.max_batch)})
 
     def capture_graphs(self) -> None:
         """Capture every CUDA graph now (server warm-up), so no session pays for a capture."""
@@ -74,7 +83,7 @@ class ModelRunner:
         h, w = self.pipe.frame_size
         image = torch.zeros((h, w, 3), dtype=torch.uint8)
         # and two sessions, where the pool and batch allow: the decode then sees 2 chunks (a micro-batch of 16)
-        for n in sorted({1, min(2, self.max_sessions, self.max_batch)}):
+        for n in self._warm_up_batches:
             sessions = [Session(SessionParams(image=image)) for _ in range(n)]
             try:
                 self.prefill(sessions)
@@ -87,12 +96,21 @@ class ModelRunner:
         if self.pipe.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def _write(self, sessions: list[Session], x: Tensor) -> None:
-        """Append clean chunks x (B, C, T, h, w) to the sessions' caches: one batched write forward."""
+    # ---- the forwards (CUDA graphs where captured, else eager over a cache of exactly the batch) ------------
+
+    def _denoise_forward(self, streams: list[StreamPages], x: Tensor, t: Tensor) -> Tensor:
+        if self.graphs is not None:
+            return self.graphs(streams, x, t)
+        return self.model.denoise(PagedKVCache(self.pool, self.pages, streams), x, t)  # (B, 2C, T, h, w)
+
+    def _write(self, streams: list[StreamPages], x: Tensor) -> None:
+        """Append clean chunks x (B, C, T, h, w) to the streams' caches: one batched write forward."""
         if self.writer is not None:
-            self.writer([s.pages for s in sessions], x)  # type: ignore[misc]
+            self.writer(streams, x)
         else:
-            self.model.write(self._cache(sessions), x)
+            self.model.write(PagedKVCache(self.pool, self.pages, streams), x)
+
+    # ---- the phases ------------------------------------------------------------------------------------------
 
     def _sampler(self, name: str, steps: int) -> tuple[Sampler, list[int]]:
         if (name, steps) not in self._samplers:
@@ -100,23 +118,17 @@ class ModelRunner:
             self._samplers[(name, steps)] = (sampler, sampler.timesteps.tolist())
         return self._samplers[(name, steps)]
 
-    def _cache(self, sessions: list[Session]) -> PagedKVCache:
-        return PagedKVCache(self.pool, self.pages, [s.pages for s in sessions])  # type: ignore[misc]
-
-    def _new_chunk(self, s: Session) -> None:
-        assert s.generator is not None and s.sampler is not None
-        s.x = torch.randn((1, *self.latent_shape), generator=s.generator, device=self.pipe.device)
-        s.k = s.sampler.num_steps - 1
+    def _chunk_noise(self, generator: torch.Generator) -> Tensor:
+        return torch.randn((1, *self.latent_shape), generator=generator, device=self.pipe.device)
 
     @torch.no_grad()
     def prefill(self, sessions: list[Session]) -> list[Tensor | None]:
         """Write each session's condition frame (its image, or the <BOV> frame) into a fresh stream.
         Returns frame 0 (1, H, W, 3) uint8 on the CPU for sessions with an image, else None."""
         dev = self.pipe.device
-        for s in sessions:
-            s.generator = torch.Generator(dev).manual_seed(s.params.seed)
-            s.sampler = self._sampler(s.params.sampler, s.params.steps)[0]
-            s.pages = self.pages.new_stream(self.max_frames)
+        streams = [self.pages.new_stream() for _ in sessions]
+        samplers = [self._sampler(s.params.sampler, s.params.steps) for s in sessions]
+        generators = [torch.Generator(dev).manual_seed(s.params.seed) for s in sessions]
         with_image = [i for i, s in enumerate(sessions) if s.params.image is not None]
         firsts: list[Tensor] = [self.model.bov_token[None, :, None].float()] * len(sessions)  # (1, C, 1, h, w)
         frame0: list[Tensor | None] = [None] * len(sessions)
@@ -127,48 +139,43 @@ class ModelRunner:
             for j, i in enumerate(with_image):
                 firsts[i] = latents[j : j + 1]
                 frame0[i] = decoded[j]
-        x = torch.cat(
-            [
-                perturb_for_cache(f, s.sampler, self.perturb_t, s.generator)  # type: ignore[arg-type]
-                for f, s in zip(firsts, sessions, strict=True)
-            ]
-        )
-        self._write(sessions, x)
-        for s in sessions:
-            self._new_chunk(s)
+        x = torch.cat([perturb_for_cache(f, sampler, self.perturb_t, gen)
+                       for f, (sampler, _), gen in zip(firsts, samplers, generators, strict=True)])  # fmt: skip
+        self._write(streams, x)  # may raise OutOfPages: no state is registered before it succeeded
+        for s, st, (sampler, timesteps), gen in zip(sessions, streams, samplers, generators, strict=True):
+            self.states[s.id] = GenerationState(st, sampler, timesteps, gen, self._chunk_noise(gen),
+                                                step=sampler.num_steps - 1)  # fmt: skip
         return frame0
 
     @torch.no_grad()
-    def denoise(self, sessions: list[Session]) -> None:
-        """One denoising step for every session (one batched forward; each at its own index and cache length)."""
+    def denoise(self, sessions: list[Session]) -> list[Session]:
+        """One denoising step for every session (one batched forward; each at its own index and cache length).
+        Returns the sessions whose chunk is now finished (ready for `decode_chunks`)."""
         dev = self.pipe.device
-        x = torch.cat([s.x for s in sessions])  # type: ignore[misc]
-        timesteps = [self._sampler(s.params.sampler, s.params.steps)[1][s.k] for s in sessions]
-        t = to_device(torch.tensor(timesteps), dev)  # nothing in a step waits for the GPU
-        if self.graphs is not None:
-            out = self.graphs([s.pages for s in sessions], x, t)  # type: ignore[misc]
-        else:
-            out = self.model.denoise(self._cache(sessions), x, t)  # (B, 2C, T, h, w)
+        gens = [self.states[s.id] for s in sessions]
+        x = torch.cat([g.x for g in gens])
+        t = to_device(torch.tensor([g.timesteps[g.step] for g in gens]), dev)  # nothing in a step waits for the GPU
+        out = self._denoise_forward([g.pages for g in gens], x, t)
         groups: dict[int, list[int]] = {}
-        for i, s in enumerate(sessions):
-            groups.setdefault(id(s.sampler), []).append(i)
+        for i, g in enumerate(gens):
+            groups.setdefault(id(g.sampler), []).append(i)
         for idx in groups.values():
-            sampler = sessions[idx[0]].sampler
-            assert sampler is not None
+            sampler = gens[idx[0]].sampler
             noise = None
             if sampler.needs_noise:
-                noise = torch.cat([torch.randn(x.shape[1:], generator=sessions[i].generator, device=dev)[None]
+                noise = torch.cat([torch.randn(x.shape[1:], generator=gens[i].generator, device=dev)[None]
                                    for i in idx])  # fmt: skip
-            k = to_device(torch.tensor([sessions[i].k for i in idx]), dev)
+            k = to_device(torch.tensor([gens[i].step for i in idx]), dev)
             new_x = sampler.step(take(x, idx, 0), take(out, idx, 0), k, noise)  # no index copy to the GPU
             for j, i in enumerate(idx):
-                sessions[i].x = new_x[j : j + 1]
-                sessions[i].k -= 1
+                gens[i].x = new_x[j : j + 1]
+                gens[i].step -= 1
+        return [s for s, g in zip(sessions, gens, strict=True) if g.step < 0]
 
     @torch.no_grad()
     def decode_chunks(self, sessions: list[Session], num_frames: list[int]) -> list[Tensor]:
         """Each finished chunk's first `num_frames[i]` frames, (n, H, W, 3) uint8 on the CPU (one batched decode)."""
-        x = torch.cat([s.x for s in sessions])  # type: ignore[misc]
+        x = torch.cat([self.states[s.id].x for s in sessions])
         frames = frames_to_uint8(self.pipe.codec.decode(x)).cpu()  # (B, T, H, W, 3)
         return [frames[i, :n] for i, n in enumerate(num_frames)]
 
@@ -176,22 +183,21 @@ class ModelRunner:
     def continue_chunks(self, sessions: list[Session]) -> None:
         """Write the finished chunks of sessions that go on into their caches (one batched write) and start
         their next chunk."""
-        clean = torch.cat([perturb_for_cache(s.x, s.sampler, self.perturb_t, s.generator) for s in sessions])  # type: ignore[arg-type]
-        self._write(sessions, clean)
-        for s in sessions:
-            self._new_chunk(s)
+        gens = [self.states[s.id] for s in sessions]
+        clean = torch.cat([perturb_for_cache(g.x, g.sampler, self.perturb_t, g.generator) for g in gens])
+        self._write([g.pages for g in gens], clean)
+        for g in gens:
+            g.x, g.step = self._chunk_noise(g.generator), g.sampler.num_steps - 1
 
     def release(self, session: Session) -> None:
-        """Give the session's pages back to the pool and drop its tensors."""
-        if session.pages is not None:
-            self.pages.release(session.pages)
-            session.pages = None
-        session.x = None
-        session.generator = None
+        """Give the session's pages back to the pool and drop its tensors (a no-op for a session never prefilled)."""
+        g = self.states.pop(session.id, None)
+        if g is not None:
+            self.pages.release(g.pages)
 
     @property
     def num_pages(self) -> int:
-        """Temporal pages sessions can hold (the pool has one more: the write graphs' scratch page)."""
+        """Temporal pages sessions can hold (the pool has one more: the scratch page of padded graph rows)."""
         return self.pages.temporal.num_pages
 
     @property

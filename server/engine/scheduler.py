@@ -6,9 +6,9 @@ timestep and cache length. Sessions are picked least-recently-run first, so none
 there are. A session whose consumer is more than `max_pending_clips` clips behind is PAUSED (its pages
 kept, its GPU time given to others) until the consumer catches up.
 
-Admission: the pool is sized for `max_sessions` full queues plus the transient pages of one batched write,
-so a session admitted is a session whose pages exist; beyond that, up to `max_waiting` sessions queue and
-the rest are refused ("server busy").
+Admission: the pool holds exactly `max_sessions` full queues (a write reuses the pages of dequeued frames in
+place, so no write needs more), so a session admitted is a session whose pages exist; beyond that, up to
+`max_waiting` sessions queue and the rest are refused ("server busy").
 """
 
 from __future__ import annotations
@@ -16,19 +16,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from .config import EngineConfig
 from .session import Session, SessionState
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_sessions: int = 16  # admitted (holding pages) at once
-    max_batch: int = 16  # sessions per denoising forward
-    max_waiting: int = 64  # queued for admission; more are refused
-    max_pending_clips: int = 2  # a consumer further behind pauses its session
-
-    def __post_init__(self) -> None:
-        if min(self.max_sessions, self.max_batch) < 1 or self.max_waiting < 0 or self.max_pending_clips < 1:
-            raise ValueError("max_sessions, max_batch >= 1; max_waiting >= 0; max_pending_clips >= 1")
 
 
 @dataclass
@@ -42,7 +31,7 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.waiting: deque[Session] = deque()
         self.active: list[Session] = []  # admitted, not finished

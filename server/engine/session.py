@@ -1,8 +1,9 @@
-"""A streaming session: what the client asked for, where generation stands, and what it has produced.
+"""A streaming session as the scheduler sees it: what the client asked for, where it stands, what it has produced.
 
 Lifecycle: WAITING (queued for admission) -> PREFILLING (admitted: the condition frame goes into the cache)
 -> GENERATING (denoising chunk after chunk; PAUSED while its consumer is too far behind) -> COMPLETED |
-CANCELLED | FAILED. The scheduler reads and sets `state`; the runner owns the tensors (`x`, `generator`).
+CANCELLED | FAILED. The scheduler reads and sets `state`. No tensors here: the runner keeps each session's device
+state (pages, latents, generator) in its own record (`runner.GenerationState`), created at prefill.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from server.cache.block_manager import StreamPages
-from server.model.diffusion import DEFAULT_STEPS, Sampler
+from ca2vdm.server.media import FORMATS
+from ca2vdm.server.model.diffusion import DEFAULT_STEPS, SAMPLERS
 
 
 class SessionState(enum.Enum):
@@ -43,19 +44,19 @@ class SessionParams:
     sampler: str = "ddim"
     steps: int = DEFAULT_STEPS["ddim"]
     num_frames: int | None = None  # None: until cancelled
-    format: str = "raw"  # "raw" (frames only), "fmp4" or "jpeg"
+    format: str = "raw"  # "raw" (frames only) or one of media.FORMATS
 
     def __post_init__(self) -> None:
-        if self.sampler not in DEFAULT_STEPS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose from {sorted(DEFAULT_STEPS)}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose from {SAMPLERS}")
         if not 1 <= self.steps <= 1000:
             raise ValueError("steps must be in [1, 1000]")
         if self.num_frames is not None and self.num_frames < 1:
             raise ValueError("num_frames must be >= 1 or None")
         if not 0 <= self.seed < 2**63:
             raise ValueError("seed must be in [0, 2**63)")
-        if self.format not in ("raw", "fmp4", "jpeg"):
-            raise ValueError(f"unknown format {self.format!r}")
+        if self.format != "raw" and self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; choose from {('raw', *FORMATS)}")
         if self.image is not None and (self.image.dtype != torch.uint8 or self.image.dim() != 3):
             raise ValueError("image must be a (H, W, 3) uint8 tensor")
 
@@ -85,20 +86,14 @@ class Session:
     state: SessionState = SessionState.WAITING
     error: str | None = None
     created_at: float = field(default_factory=time.monotonic)
-    # scheduler bookkeeping
+    # scheduling
     last_step: int = -1  # stamp of its last denoising step (round-robin fairness)
     cancel_requested: bool = False
-    # generation progress
+    # what it has produced
     frames_done: int = 0  # frames handed out so far
     clips_done: int = 0
-    # runner state (tensors)
-    pages: StreamPages | None = None
-    sampler: Sampler | None = None
-    generator: torch.Generator | None = None
-    x: Tensor | None = None  # (1, C, T, h, w) current chunk latents
-    k: int = -1  # next denoising index; -1: no chunk in flight
-    clip_started_at: float = 0.0
-    # consumer backpressure: clips produced but not yet taken by the consumer
+    clip_started_at: float = 0.0  # when the chunk in flight began (clip gen_ms)
+    # consumer backpressure: clips produced but not yet taken by the consumer (engine thread and event loop)
     _pending: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

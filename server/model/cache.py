@@ -31,9 +31,12 @@ class KVCache(ABC):
 
     - `positions()` gives each stream's absolute index of the next frame to be written (it keeps counting
       past P_max and drives the cyclic TPE).
-    - A write forward calls, for each block in order, `attend_temporal` (the chunk's K/V are passed in and
-      are NOT yet in the cache) and then `store`; after the last block it calls `commit(T)`. `store` may
-      write into the backend's memory immediately: later blocks never read an earlier block's entries.
+    - A write is a transaction around one forward: `begin_write(T)` plans it (it may refuse, e.g. when pages run
+      out, having changed nothing); the forward calls, for each block in order, `attend_temporal` (the chunk's
+      K/V are passed in and are NOT yet in the cache) and then `store`; then `commit_write()` makes the frames
+      part of the queue, or `abort_write()` drops the write if the forward failed. `store` may write into the
+      backend's memory immediately: later blocks never read an earlier block's entries. Keeping the bookkeeping
+      outside the forward is what lets a CUDA graph capture the forward alone (`CausalSTDiT.write_kv`).
     - A denoise forward calls `attend_temporal` and `attend_prefix` and never changes the cache.
     """
 
@@ -69,8 +72,16 @@ class KVCache(ABC):
         """Record a clean chunk's temporal K/V (B, S, T, H, D) and prefix K/V (B, P, S, H, D) for `layer`."""
 
     @abstractmethod
-    def commit(self, num_frames: int) -> None:
-        """Finish a write of `num_frames` frames: advance positions, dequeue the oldest beyond capacity."""
+    def begin_write(self, num_frames: int) -> None:
+        """Prepare to append `num_frames` frames to every stream; raises (changing nothing) if it cannot."""
+
+    @abstractmethod
+    def commit_write(self) -> None:
+        """Finish the write: advance positions, dequeue the oldest frames beyond capacity."""
+
+    @abstractmethod
+    def abort_write(self) -> None:
+        """Drop a write that was begun (its forward failed); a no-op when none is in progress."""
 
 
 class DenseKVCache(KVCache):
@@ -106,6 +117,7 @@ class DenseKVCache(KVCache):
         self.prefix_k = torch.empty(pshape, device=device, dtype=dtype) if prefix_frames else None
         self.prefix_v = torch.empty(pshape, device=device, dtype=dtype) if prefix_frames else None
         self.num_written = 0  # frames written per stream (same for all streams)
+        self._writing: int | None = None  # frames of the write in progress
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_frames: int) -> DenseKVCache:
@@ -151,9 +163,23 @@ class DenseKVCache(KVCache):
         assert self.num_written > 0, "prefix K/V read before any frame was written"
         return attention(q, self.prefix_k[layer], self.prefix_v[layer])
 
+    def begin_write(self, num_frames: int) -> None:
+        assert self._writing is None, "a write is already in progress"
+        if num_frames > self.max_frames:
+            raise ValueError(f"chunk of {num_frames} frames exceeds the cache length {self.max_frames}")
+        self._writing = num_frames
+
+    def commit_write(self) -> None:
+        assert self._writing is not None, "commit without a write"
+        self.num_written += self._writing
+        self._writing = None
+
+    def abort_write(self) -> None:
+        self._writing = None
+
     def store(self, layer: int, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None) -> None:
         t = k.shape[2]
-        assert t <= self.max_frames, f"chunk of {t} frames exceeds the cache length {self.max_frames}"
+        assert self._writing == t, "store outside a write of this length: call begin_write first (model.write does)"
         slots = [(self.num_written + i) % self.max_frames for i in range(t)]
         if slots == list(range(slots[0], slots[0] + t)):
             self.k[layer, :, :, slots[0] : slots[0] + t] = k
@@ -166,6 +192,3 @@ class DenseKVCache(KVCache):
             assert prefix_k is not None and prefix_v is not None
             self.prefix_k[layer] = prefix_k.flatten(1, 2)
             self.prefix_v[layer] = prefix_v.flatten(1, 2)
-
-    def commit(self, num_frames: int) -> None:
-        self.num_written += num_frames

@@ -21,6 +21,7 @@ import torch
 
 __all__ = [
     "DEFAULT_STEPS",
+    "SAMPLERS",
     "DDIMSampler",
     "IDDPMSampler",
     "Sampler",
@@ -32,6 +33,8 @@ __all__ = [
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+#: Sampler names, in the order the API lists them (one source for schemas, CLI, /v1/models).
+SAMPLERS = ("ddim", "iddpm")
 DEFAULT_STEPS: dict[str, int] = {"iddpm": 100, "ddim": 25}
 
 
@@ -364,4 +367,4 @@ def make_sampler(name: str, num_steps: int, clip_x0: bool = False) -> Sampler:
         return IDDPMSampler(num_steps=num_steps, clip_x0=clip_x0)
     if name == "ddim":
         return DDIMSampler(num_steps=num_steps, clip_x0=clip_x0)
-    raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(DEFAULT_STEPS)}")
+    raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.fp8 import Fp8Linear, Fp8Rows, quantize_rows
+from ca2vdm.kernels.fp8 import Fp8Linear, Fp8Rows, quantize_rows
 
 # ---------------------------------------------------------------------------------------------------------
 # Fixed sin-cos position embeddings (computed in float64, stored as float32 buffers)

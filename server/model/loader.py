@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from kernels.fp8 import quantize_model_
+from ca2vdm.kernels.fp8 import quantize_model_
 
 from .checkpoint import load_state_dict_strict, read_model_dir, read_official_checkpoint
 from .codecs import LatentCodec, make_codec
 from .config import PipelineConfig, get_preset
-from .diffusion import Sampler, make_sampler
+from .diffusion import DEFAULT_STEPS, Sampler, make_sampler
 from .stdit import CausalSTDiT
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "default"
@@ -33,6 +33,10 @@ class Pipeline:
     def sampler(self, name: str, steps: int) -> Sampler:
         """A sampler for this model: pixel-space models sample with the x0 estimate clamped to the data range."""
         return make_sampler(name, steps, clip_x0=self.codec.name == "pixel")
+
+    def default_steps(self, sampler: str) -> int:
+        """Steps a request that names no count gets: the model's own for its default sampler, else the sampler's."""
+        return self.config.default_steps if sampler == self.config.default_sampler else DEFAULT_STEPS[sampler]
 
     @property
     def frame_size(self) -> tuple[int, int]:

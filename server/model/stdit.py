@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kernels.adaln import gated_add, modulated_norm
-from kernels.fp8 import Fp8Linear, Fp8Rows
+from ca2vdm.kernels.adaln import gated_add, modulated_norm
+from ca2vdm.kernels.fp8 import Fp8Linear, Fp8Rows
 
 from .cache import KVCache
 from .config import ModelConfig
@@ -235,7 +235,21 @@ class CausalSTDiT(nn.Module):
 
     @torch.no_grad()
     def write(self, cache: KVCache, clean: Tensor, y: Tensor | None = None, y_mask: Tensor | None = None) -> None:
-        """Append a clean chunk (B, C, T, H, W) to the cache: one forward at t=0 with the mask channel 1."""
+        """Append a clean chunk (B, C, T, H, W) to the cache: begin the write (the cache may refuse it, changing
+        nothing), run `write_kv`, commit; a forward that raises aborts the write."""
+        cache.begin_write(clean.shape[2])
+        try:
+            self.write_kv(cache, clean, y, y_mask)
+        except BaseException:
+            cache.abort_write()
+            raise
+        cache.commit_write()
+
+    @torch.no_grad()
+    def write_kv(self, cache: KVCache, clean: Tensor, y: Tensor | None = None, y_mask: Tensor | None = None) -> None:
+        """The forward of a write, without the cache's bookkeeping: one pass at t=0 with the mask channel 1 that
+        stores each block's K/V. The cache must have begun a write of T frames. This is what a CUDA graph of the
+        write captures (`server/engine/graphs.py`)."""
         b, _, t_len = clean.shape[:3]
         self._check_cache(cache, b)
         p = _Pass(
@@ -246,7 +260,6 @@ class CausalSTDiT(nn.Module):
         )
         t = torch.zeros(b, t_len, device=clean.device)
         self._run(x=clean, t=t, p=p, y=y, y_mask=y_mask)
-        cache.commit(t_len)
 
     @torch.no_grad()
     def denoise(

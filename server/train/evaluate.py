@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from server.model.generate import generate_video
-from server.model.loader import Pipeline
+from ca2vdm.server.model.generate import generate_video
+from ca2vdm.server.model.loader import Pipeline
 
 from .sprites import SpritesConfig, render_video
 from .tracking import compare_per_window

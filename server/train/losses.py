@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from server.model.diffusion import linear_betas
+from ca2vdm.server.model.diffusion import linear_betas
 
 
 def _approx_std_normal_cdf(x: Tensor) -> Tensor:

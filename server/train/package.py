@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from server.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_model_dir
-from server.model.config import PipelineConfig
-from server.model.stdit import CausalSTDiT
+from ca2vdm.server.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_model_dir
+from ca2vdm.server.model.config import PipelineConfig
+from ca2vdm.server.model.stdit import CausalSTDiT
 
 MAX_WEIGHT_BYTES = 20_000_000  # the package's budget for the default model
 CARD_FILE = "MODEL_CARD.md"

@@ -3,7 +3,7 @@
 Every clip is a background (solid colour or linear two-colour gradient, desaturated) with a few saturated discs
 and squares that move at constant velocity and bounce elastically off the walls. The physics is exact and the
 ground truth (positions, velocities) is returned with the frames, so a generated continuation can be compared
-with the true one (``server.train.tracking``).
+with the true one (``ca2vdm.server.train.tracking``).
 
 Coordinates are (y, x) with pixel (i, j) centred at (i, j): a frame spans [-0.5, H - 0.5] x [-0.5, W - 0.5]. A
 sprite of radius r (half side for squares) stays fully inside, so its centre lies in [r - 0.5, H - 0.5 - r].

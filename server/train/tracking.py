@@ -1,7 +1,7 @@
 """Is a generated sprites video right? Object tracking and collapse checks on uint8 videos (T, H, W, 3).
 
 Nothing here sees the ground truth of a generated video: sprites are found from pixels alone, so the same numbers
-are computed for a generated continuation and for the true one (``server.train.sprites``) and compared per
+are computed for a generated continuation and for the true one (``ca2vdm.server.train.sprites``) and compared per
 autoregressive step.
 
 How sprites are found: the background is a desaturated solid colour or linear gradient, so it is modelled as an

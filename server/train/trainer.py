@@ -25,9 +25,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from server.model.checkpoint import load_state_dict_strict, read_model_dir, save_model_dir
-from server.model.config import PipelineConfig
-from server.model.stdit import CausalSTDiT
+from ca2vdm.server.model.checkpoint import load_state_dict_strict, read_model_dir, save_model_dir
+from ca2vdm.server.model.config import PipelineConfig
+from ca2vdm.server.model.stdit import CausalSTDiT
 
 from .losses import TrainingDiffusion
 

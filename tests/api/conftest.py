@@ -12,8 +12,8 @@ from contextlib import contextmanager
 import pytest
 import uvicorn
 
-from server.api.app import create_app
-from server.api.settings import Settings
+from ca2vdm.server.api.app import create_app
+from ca2vdm.server.api.settings import Settings
 
 APPS: dict = {}  # address -> FastAPI app of the servers running in this process (tests reach the engine)
 

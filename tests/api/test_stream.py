@@ -13,7 +13,7 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from server.media import read_video
+from ca2vdm.server.media import read_video
 from tests.api.conftest import running_server
 from tests.images import smooth_image
 

@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from server.media import read_video
+from ca2vdm.server.media import read_video
 from tests.api.conftest import running_server
 from tests.api.test_stream import png_b64
 

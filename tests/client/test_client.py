@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from client import (
+from ca2vdm.client import (
     ApiError,
     Clip,
     Done,
@@ -29,8 +29,8 @@ from client import (
     StreamError,
     TransportError,
 )
-from client._util import http_base, stream_url
-from client.cli import main
+from ca2vdm.client._util import http_base, stream_url
+from ca2vdm.client.cli import main
 from tests.client.conftest import API_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -272,7 +272,7 @@ def test_cli_wrong_key_and_unreachable(keyed_server, tmp_path, capsys):
 
 def test_cli_stream_until_ctrl_c(server, tmp_path):
     out = tmp_path / "live.mp4"
-    cmd = [sys.executable, "-m", "client.cli", "--url", server, "stream", "--steps", "1", "--out", str(out)]
+    cmd = [sys.executable, "-m", "ca2vdm.client.cli", "--url", server, "stream", "--steps", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from server.api.settings import Settings
+from ca2vdm.server.api.settings import Settings
 from tests.api.conftest import running_server
 
 ROOT = Path(__file__).resolve().parents[2]

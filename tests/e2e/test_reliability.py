@@ -26,8 +26,8 @@ from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from server.engine.output import JpegEncoder
-from server.model.generate import generate_video
+from ca2vdm.server.media import JpegEncoder
+from ca2vdm.server.model.generate import generate_video
 from tests.api.conftest import APPS, running_server
 
 NUM = 64
@@ -110,7 +110,7 @@ def test_load_64_sessions_each_equal_to_its_solo_run(tiny_pipe):
         solo = generate_video(
             tiny_pipe, tiny_pipe.sampler(start["sampler"], 2), image=None, num_frames=9, seed=start["seed"]
         )
-        expected = decode(encoder.encode_clip(solo, 0))
+        expected = decode(encoder.encode(solo, 0))
         assert np.abs(decode(r["jpegs"]) - expected).mean() < 0.5, start
     assert m['ca2vdm_sessions_total{outcome="completed"}'] == NUM
     assert rss_growth_mb < 1024, f"server process grew by {rss_growth_mb:.0f} MB"
@@ -145,10 +145,10 @@ def _pipe_64px():
     """A tiny random model at 64x64 pixels: its (noise) JPEGs are ~10 KB, so socket buffers fill in seconds."""
     import torch
 
-    from server.model.codecs import PixelCodec
-    from server.model.config import ModelConfig, PipelineConfig
-    from server.model.loader import Pipeline
-    from server.model.stdit import CausalSTDiT
+    from ca2vdm.server.model.codecs import PixelCodec
+    from ca2vdm.server.model.config import ModelConfig, PipelineConfig
+    from ca2vdm.server.model.loader import Pipeline
+    from ca2vdm.server.model.stdit import CausalSTDiT
 
     cfg = PipelineConfig(model=ModelConfig(input_size=(8, 64, 64), in_channels=3, hidden_size=32, depth=1, num_heads=2,
                                            patch_size=(1, 4, 4)), codec="pixel")  # fmt: skip
@@ -288,21 +288,19 @@ def test_injected_faults_fail_only_their_sessions(tiny_pipe):
 
         # an encoder failure fails its session only
         engine.fault_hook = None
-        from server.engine import output
-
-        real_encode = output.JpegEncoder.encode_clip
+        real_encode = JpegEncoder.encode
 
         def broken(self, frames, first_frame):
             if first_frame > 0:
                 raise OSError("injected encoder fault")
             return real_encode(self, frames, first_frame)
 
-        output.JpegEncoder.encode_clip = broken
+        JpegEncoder.encode = broken
         try:
             victim = asyncio.run(stream(address, {"type": "start", "seed": 3, "steps": 2, "num_frames": 17,
                                                   "format": "jpeg"}))  # fmt: skip
         finally:
-            output.JpegEncoder.encode_clip = real_encode
+            JpegEncoder.encode = real_encode
         assert "injected encoder fault" in victim["messages"][-1]["message"] and victim["code"] == 1011
         after = asyncio.run(
             stream(address, {"type": "start", "seed": 4, "steps": 2, "num_frames": 9, "format": "fmp4"})
@@ -314,7 +312,7 @@ def test_injected_faults_fail_only_their_sessions(tiny_pipe):
 
 def _serve(data_dir: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "CA2VDM_DATA_DIR": str(data_dir), "CA2VDM_DEVICE": "cpu"}
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "random:tiny", "--port", str(port)]
+    cmd = [sys.executable, "-m", "ca2vdm.server.cli", "serve", "--model", "random:tiny", "--port", str(port)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

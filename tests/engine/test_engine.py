@@ -8,12 +8,12 @@ import asyncio
 import pytest
 import torch
 
-from server.engine.engine import Engine, ServerBusy, SessionFailed
-from server.engine.runner import ModelRunner
-from server.engine.scheduler import SchedulerConfig
-from server.engine.session import Session, SessionParams, SessionState
-from server.model.generate import generate_video
-from server.model.loader import load_pipeline
+from ca2vdm.server.engine.config import EngineConfig
+from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed
+from ca2vdm.server.engine.runner import ModelRunner
+from ca2vdm.server.engine.session import Session, SessionParams, SessionState
+from ca2vdm.server.model.generate import generate_video
+from ca2vdm.server.model.loader import load_pipeline
 from tests.images import smooth_image
 
 
@@ -44,26 +44,25 @@ async def with_engine(pipe, config, fn):
 
 def test_runner_batch_equals_alone(pipe):
     """Latents of each session after several steps are the same alone or batched (fp32, < 1e-5)."""
-    cfg = SchedulerConfig(max_sessions=4, max_batch=4)
+    cfg = EngineConfig(max_sessions=4, max_batch=4)
     params = [SessionParams(image=image(i), seed=i, sampler=s, steps=n, num_frames=40)
               for i, (s, n) in enumerate([("ddim", 4), ("iddpm", 5), ("iddpm", 3)])]  # fmt: skip
 
     def advance(sessions, runner, steps):
         runner.prefill(sessions)
         for _ in range(steps):
-            live = [s for s in sessions if s.k >= 0]
-            runner.denoise(live)
-            done = [s for s in live if s.k < 0]
+            live = [s for s in sessions if runner.states[s.id].step >= 0]
+            done = runner.denoise(live)
+            assert done == [s for s in live if runner.states[s.id].step < 0]
             if done:
                 runner.decode_chunks(done, [8] * len(done))
                 runner.continue_chunks(done)
+        return [runner.states[s.id] for s in sessions]
 
-    batched = [Session(p) for p in params]
-    advance(batched, ModelRunner(pipe, cfg), 9)
+    batched = advance([Session(p) for p in params], ModelRunner(pipe, cfg), 9)
     for p, b in zip(params, batched, strict=True):
-        alone = Session(p)
-        advance([alone], ModelRunner(pipe, cfg), 9)
-        assert alone.k == b.k and alone.pages.num_written == b.pages.num_written
+        (alone,) = advance([Session(p)], ModelRunner(pipe, cfg), 9)
+        assert alone.step == b.step and alone.pages.num_written == b.pages.num_written
         assert ((alone.x - b.x).norm() / alone.x.norm()).item() < 1e-5
 
 
@@ -73,7 +72,7 @@ def test_session_equals_offline_generation(pipe):
         clips = await collect(await engine.start_session(params))
         return torch.cat([c.frames for c in clips]), clips
 
-    frames, clips = run(with_engine(pipe, SchedulerConfig(), main))
+    frames, clips = run(with_engine(pipe, EngineConfig(), main))
     offline = generate_video(pipe, pipe.sampler("iddpm", 5), image=image(3), num_frames=19, seed=11)
     assert [c.num_frames for c in clips] == [1, 8, 8, 2]
     assert [c.first_frame for c in clips] == [0, 1, 9, 17]
@@ -99,7 +98,7 @@ def test_many_sessions_batched_fairly(pipe):
         results = await asyncio.gather(*(collect(h) for h in handles))
         return results, engine.stats, engine.runner.num_free_pages, engine.runner.num_pages
 
-    results, stats, free, total = run(with_engine(pipe, SchedulerConfig(max_sessions=6, max_batch=3), main))
+    results, stats, free, total = run(with_engine(pipe, EngineConfig(max_sessions=6, max_batch=3), main))
     assert free == total
     assert stats.batch_size.max == 3 and stats.sessions_total["completed"] == 8
     for i, clips in enumerate(results):
@@ -125,7 +124,7 @@ def test_admission_waits_then_refuses(pipe):
         b.cancel()
         return clip, engine.stats.sessions_total
 
-    clip, totals = run(with_engine(pipe, SchedulerConfig(max_sessions=1, max_batch=1, max_waiting=1), main))
+    clip, totals = run(with_engine(pipe, EngineConfig(max_sessions=1, max_batch=1, max_waiting=1), main))
     assert clip.num_frames == 8 and totals["rejected"] == 1
 
 
@@ -143,7 +142,7 @@ def test_cancel_frees_pages_at_once(pipe):
             await asyncio.sleep(0.01)
         return held, engine.runner.num_free_pages, engine.runner.num_pages, engine.stats.sessions_total
 
-    held, free, total, totals = run(with_engine(pipe, SchedulerConfig(max_sessions=4), main))
+    held, free, total, totals = run(with_engine(pipe, EngineConfig(max_sessions=4), main))
     assert held > 0 and free == total and totals["cancelled"] == 3
 
 
@@ -161,7 +160,7 @@ def test_slow_consumer_pauses_only_itself(pipe):
                 slow.cancel()
         return fast_clips, paused_state, produced, slow_clips
 
-    fast_clips, paused_state, produced, slow_clips = run(with_engine(pipe, SchedulerConfig(), main))
+    fast_clips, paused_state, produced, slow_clips = run(with_engine(pipe, EngineConfig(), main))
     assert sum(c.num_frames for c in fast_clips) == 80
     assert paused_state is SessionState.PAUSED
     assert produced == 80 + 3 * 8  # the slow session stopped after 3 undelivered clips (max_pending_clips 2)
@@ -186,13 +185,13 @@ def test_fault_fails_only_that_batch(pipe):
         clips = await collect(good)
         return calls["n"], clips, engine.alive, engine.stats.sessions_total, engine.runner.num_free_pages
 
-    n, clips, alive, totals, free = run(with_engine(pipe, SchedulerConfig(max_batch=1), main))
+    n, clips, alive, totals, free = run(with_engine(pipe, EngineConfig(max_batch=1), main))
     assert n == 1 and alive and sum(c.num_frames for c in clips) == 9
     assert totals["failed"] == 1 and totals["completed"] == 1
 
 
 def test_fmp4_stream_decodes(pipe, tmp_path):
-    from server.media import read_video
+    from ca2vdm.server.media import read_video
 
     async def main(engine):
         handle = await engine.start_session(SessionParams(image=image(0), seed=0, steps=2, num_frames=17,
@@ -200,7 +199,7 @@ def test_fmp4_stream_decodes(pipe, tmp_path):
         clips = await collect(handle)
         return handle.info, clips
 
-    info, clips = run(with_engine(pipe, SchedulerConfig(), main))
+    info, clips = run(with_engine(pipe, EngineConfig(), main))
     assert info.mime.startswith("video/mp4") and info.init_segment
     path = tmp_path / "stream.mp4"
     path.write_bytes(info.init_segment + b"".join(c.media[0] for c in clips))
@@ -209,7 +208,7 @@ def test_fmp4_stream_decodes(pipe, tmp_path):
 
 @pytest.mark.parametrize("max_sessions", [1, 3])
 def test_warm_up_runs_every_phase_and_gives_all_pages_back(pipe, max_sessions):
-    runner = ModelRunner(pipe, SchedulerConfig(max_sessions=max_sessions, max_batch=max_sessions))
+    runner = ModelRunner(pipe, EngineConfig(max_sessions=max_sessions, max_batch=max_sessions))
     calls = []
     for name in ("prefill", "denoise", "decode_chunks", "continue_chunks"):
         fn = getattr(runner, name)
@@ -222,7 +221,7 @@ def test_warm_up_runs_every_phase_and_gives_all_pages_back(pipe, max_sessions):
 
 
 def test_a_failed_warm_up_fails_start(pipe):
-    engine = Engine(pipe, SchedulerConfig(max_sessions=1, max_batch=1))
+    engine = Engine(pipe, EngineConfig(max_sessions=1, max_batch=1))
 
     def broken():
         raise RuntimeError("no codec today")

@@ -8,12 +8,12 @@ import asyncio
 import pytest
 import torch
 
-from server.engine.engine import Engine
-from server.engine.runner import ModelRunner
-from server.engine.scheduler import SchedulerConfig
-from server.engine.session import Session, SessionParams
-from server.model.generate import generate_video
-from server.model.loader import load_pipeline
+from ca2vdm.server.engine.config import EngineConfig
+from ca2vdm.server.engine.engine import Engine
+from ca2vdm.server.engine.runner import ModelRunner
+from ca2vdm.server.engine.session import Session, SessionParams
+from ca2vdm.server.model.generate import generate_video
+from ca2vdm.server.model.loader import load_pipeline
 from tests.images import smooth_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and stream syncs need a GPU")
@@ -38,7 +38,7 @@ def test_graphed_sessions_equal_the_offline_loop(gpu_pipe):
 
         return await asyncio.gather(*(one(p) for p in params))
 
-    engine = Engine(gpu_pipe, SchedulerConfig(max_sessions=3, max_batch=3)).start()
+    engine = Engine(gpu_pipe, EngineConfig(max_sessions=3, max_batch=3)).start()
     try:
         assert engine.runner.writer is not None, "write graphs expected on CUDA"
         results = asyncio.run(main(engine))
@@ -54,7 +54,7 @@ def test_graphed_sessions_equal_the_offline_loop(gpu_pipe):
 def test_a_denoising_step_never_waits_for_the_gpu(gpu_pipe):
     """Page tables and timesteps travel asynchronously and row selections need no index on the GPU: the host
     prepares step n+1 while the GPU runs step n. Two samplers in one batch, one of them on rows 0 and 2."""
-    runner = ModelRunner(gpu_pipe, SchedulerConfig(max_sessions=3, max_batch=3))
+    runner = ModelRunner(gpu_pipe, EngineConfig(max_sessions=3, max_batch=3))
     runner.capture_graphs()
     sessions = [Session(SessionParams(image=None, seed=i, sampler=s, steps=n)) for i, (s, n) in enumerate(SAMPLERS)]
     runner.prefill(sessions)
@@ -65,4 +65,4 @@ def test_a_denoising_step_never_waits_for_the_gpu(gpu_pipe):
             runner.denoise(sessions)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert [s.k for s in sessions] == [n - 4 for _, n in SAMPLERS]
+    assert [runner.states[s.id].step for s in sessions] == [n - 4 for _, n in SAMPLERS]

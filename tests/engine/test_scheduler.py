@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.session import Session, SessionParams, SessionState
+from ca2vdm.server.engine.config import EngineConfig
+from ca2vdm.server.engine.scheduler import Scheduler
+from ca2vdm.server.engine.session import Session, SessionParams, SessionState
 
 
 def sessions(n):
@@ -11,7 +12,7 @@ def sessions(n):
 
 
 def test_admission_and_refusal():
-    sched = Scheduler(SchedulerConfig(max_sessions=2, max_batch=2, max_waiting=1))
+    sched = Scheduler(EngineConfig(max_sessions=2, max_batch=2, max_waiting=1))
     ss = sessions(4)
     assert [sched.add(s) for s in ss] == [True, True, True, False]
     plan = sched.schedule()
@@ -20,7 +21,7 @@ def test_admission_and_refusal():
 
 
 def test_round_robin_no_starvation():
-    sched = Scheduler(SchedulerConfig(max_sessions=10, max_batch=3))
+    sched = Scheduler(EngineConfig(max_sessions=10, max_batch=3))
     ss = sessions(10)
     for s in ss:
         sched.add(s)
@@ -35,7 +36,7 @@ def test_round_robin_no_starvation():
 
 
 def test_slow_consumer_is_paused_and_resumed():
-    sched = Scheduler(SchedulerConfig(max_sessions=2, max_batch=2, max_pending_clips=2))
+    sched = Scheduler(EngineConfig(max_sessions=2, max_batch=2, max_pending_clips=2))
     a, b = sessions(2)
     sched.add(a)
     sched.add(b)
@@ -48,7 +49,7 @@ def test_slow_consumer_is_paused_and_resumed():
 
 
 def test_cancel_removes_waiting_and_active():
-    sched = Scheduler(SchedulerConfig(max_sessions=1))
+    sched = Scheduler(EngineConfig(max_sessions=1))
     a, b = sessions(2)
     sched.add(a)
     sched.add(b)

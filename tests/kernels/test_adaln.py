@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.adaln import gated_add, gated_add_reference, modulated_norm, modulated_norm_reference
+from ca2vdm.kernels.adaln import gated_add, gated_add_reference, modulated_norm, modulated_norm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

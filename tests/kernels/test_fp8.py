@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.adaln import gated_add, modulated_norm
-from kernels.fp8 import E4M3_MAX, FP8, Fp8Linear, Fp8Rows, quantize_rows, quantize_rows_reference
+from ca2vdm.kernels.adaln import gated_add, modulated_norm
+from ca2vdm.kernels.fp8 import E4M3_MAX, FP8, Fp8Linear, Fp8Rows, quantize_rows, quantize_rows_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -117,7 +117,7 @@ def test_fp8_linear_is_the_scaled_product_of_its_quantized_operands():
 
 
 def test_a_float8_model_stays_close_to_its_full_precision_self():
-    from server.model.loader import load_pipeline
+    from ca2vdm.server.model.loader import load_pipeline
 
     full = load_pipeline("random:tiny", device="cpu")
     fp8 = load_pipeline("random:tiny", device="cpu", precision="fp8")
@@ -133,7 +133,7 @@ def test_a_float8_model_stays_close_to_its_full_precision_self():
 
 
 def test_unknown_precision_is_refused():
-    from server.model.loader import load_pipeline
+    from ca2vdm.server.model.loader import load_pipeline
 
     with pytest.raises(ValueError, match="precision"):
         load_pipeline("random:tiny", device="cpu", precision="int4")
@@ -141,7 +141,7 @@ def test_unknown_precision_is_refused():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="cuBLASLt's GELU epilogue runs on GPUs only")
 def test_the_gemm_gelu_epilogue_is_the_tanh_gelu():
-    from server.model.layers import Mlp
+    from ca2vdm.server.model.layers import Mlp
 
     mlp = Mlp(1152, 4608).cuda().bfloat16().eval()
     x = torch.randn(2, 256, 1152, device="cuda", dtype=torch.bfloat16)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.paged_prefix_attention import (
+from ca2vdm.kernels.paged_prefix_attention import (
     paged_prefix_attention,
     paged_prefix_attention_reference,
     paged_prefix_attention_sdpa,
 )
-from kernels.paged_temporal_attention import paged_temporal_attention, paged_temporal_attention_reference
-from kernels.paged_write import paged_write, paged_write_reference
+from ca2vdm.kernels.paged_temporal_attention import paged_temporal_attention, paged_temporal_attention_reference
+from ca2vdm.kernels.paged_write import paged_write, paged_write_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter has no bfloat16 arithmetic; bf16 runs on GPUs only.

@@ -7,16 +7,16 @@ import json
 import pytest
 import torch
 
-from server.model.checkpoint import (
+from ca2vdm.server.model.checkpoint import (
     CheckpointError,
     load_state_dict_strict,
     read_model_dir,
     read_official_checkpoint,
     save_model_dir,
 )
-from server.model.config import ModelConfig, PipelineConfig
-from server.model.loader import load_pipeline
-from server.model.stdit import CausalSTDiT
+from ca2vdm.server.model.config import ModelConfig, PipelineConfig
+from ca2vdm.server.model.loader import load_pipeline
+from ca2vdm.server.model.stdit import CausalSTDiT
 
 
 @pytest.fixture(scope="module")

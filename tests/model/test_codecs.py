@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.model.codecs import (
+from ca2vdm.server.model.codecs import (
     SD_VAE_SCALING_FACTOR,
     LatentCodec,
     PixelCodec,

@@ -3,18 +3,12 @@ continues the sprites it was trained on where random weights of the same shape g
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
-from server.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from server.model.loader import DEFAULT_MODEL_DIR, load_pipeline
-from server.train.evaluate import evaluate
-from server.train.package import CARD_FILE, MAX_WEIGHT_BYTES, SHEET_FILE
-
-ROOT = Path(__file__).resolve().parents[2]
+from ca2vdm.server.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ca2vdm.server.model.loader import DEFAULT_MODEL_DIR, load_pipeline
+from ca2vdm.server.train.evaluate import evaluate
+from ca2vdm.server.train.package import CARD_FILE, MAX_WEIGHT_BYTES, SHEET_FILE
 
 
 def test_the_default_model_is_within_budget_and_documented():
@@ -41,16 +35,7 @@ def test_the_default_model_continues_sprites_where_random_weights_do_not():
     assert random["score"] <= 0.05, random["score_per_step"]
 
 
-def test_the_wheel_carries_the_default_model(tmp_path):
-    src = tmp_path / "src"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("server", "kernels", "client"):
-        shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), str(src)], check=True)  # fmt: skip
-    (wheel,) = (tmp_path / "dist").glob("ca2vdm-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+def test_the_wheel_carries_the_default_model(built_wheel):
+    names = set(zipfile.ZipFile(built_wheel).namelist())
     for name in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, SHEET_FILE):
-        assert f"server/weights/default/{name}" in names, name
+        assert f"ca2vdm/server/weights/default/{name}" in names, name

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from server.model.diffusion import (
+from ca2vdm.server.model.diffusion import (
     DEFAULT_STEPS,
     DDIMSampler,
     IDDPMSampler,
@@ -438,15 +438,15 @@ def test_clip_x0_steps_from_the_clamped_estimate(cls):
 
 
 def test_pipelines_clip_only_pixel_models():
-    from server.model.loader import load_pipeline
+    from ca2vdm.server.model.loader import load_pipeline
 
     assert load_pipeline("random:tiny", device="cpu").sampler("ddim", 5).clip_x0
     assert not make_sampler("ddim", 5).clip_x0
 
 
 def test_pixel_models_default_to_fp32_on_gpus():
-    from server.model.config import get_preset
-    from server.model.loader import default_dtype
+    from ca2vdm.server.model.config import get_preset
+    from ca2vdm.server.model.loader import default_dtype
 
     cuda = torch.device("cuda")
     assert default_dtype(cuda, get_preset("small")) == torch.float32

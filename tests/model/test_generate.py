@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from server.cli import main
-from server.media import read_video
-from server.model.checkpoint import save_model_dir
-from server.model.config import ModelConfig, PipelineConfig
-from server.model.diffusion import make_sampler
-from server.model.generate import generate_clips, generate_video
-from server.model.loader import load_pipeline
-from server.model.stdit import CausalSTDiT
+from ca2vdm.server.cli import main
+from ca2vdm.server.media import read_video
+from ca2vdm.server.model.checkpoint import save_model_dir
+from ca2vdm.server.model.config import ModelConfig, PipelineConfig
+from ca2vdm.server.model.diffusion import make_sampler
+from ca2vdm.server.model.generate import generate_clips, generate_video
+from ca2vdm.server.model.loader import load_pipeline
+from ca2vdm.server.model.stdit import CausalSTDiT
 from tests.images import smooth_image
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from server.model.cache import DenseKVCache
-from server.model.config import ModelConfig, get_preset
-from server.model.stdit import CausalSTDiT, history_mask, prefix_frame_indices
+from ca2vdm.server.model.cache import DenseKVCache
+from ca2vdm.server.model.config import ModelConfig, get_preset
+from ca2vdm.server.model.stdit import CausalSTDiT, history_mask, prefix_frame_indices
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -159,7 +159,7 @@ def test_step_cost_is_constant_once_cache_is_full(monkeypatch):
     """The paper's claim: an AR step costs the same at step 50 as at step 4 (no recompute of the past).
     Counted as matmul FLOPs plus the key length of every attention call (SDPA's own FLOPs are not
     counted by the FLOP counter on CPU)."""
-    import server.model.cache as cache_module
+    import ca2vdm.server.model.cache as cache_module
 
     key_lengths: list[int] = []
     real_attention = cache_module.attention

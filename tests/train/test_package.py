@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from server.cli import main
-from server.model.config import ModelConfig, PipelineConfig
-from server.model.loader import load_pipeline
-from server.train.evaluate import evaluate
-from server.train.package import CARD_FILE, package
-from server.train.sprites import SpritesConfig, SpritesDataset
-from server.train.trainer import TrainConfig, Trainer
+from ca2vdm.server.cli import main
+from ca2vdm.server.model.config import ModelConfig, PipelineConfig
+from ca2vdm.server.model.loader import load_pipeline
+from ca2vdm.server.train.evaluate import evaluate
+from ca2vdm.server.train.package import CARD_FILE, package
+from ca2vdm.server.train.sprites import SpritesConfig, SpritesDataset
+from ca2vdm.server.train.trainer import TrainConfig, Trainer
 
 PIPE = PipelineConfig(model=ModelConfig(input_size=(8, 16, 16), in_channels=3, hidden_size=32, depth=1, num_heads=2),
                       codec="pixel")  # fmt: skip

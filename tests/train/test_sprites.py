@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.train.sprites import (
+from ca2vdm.server.train.sprites import (
     MIN_BACKGROUND_DISTANCE,
     SHAPES,
     SceneState,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.train.sprites import SpritesConfig, render_clip, render_labels, render_video
-from server.train.tracking import (
+from ca2vdm.server.train.sprites import SpritesConfig, render_clip, render_labels, render_video
+from ca2vdm.server.train.tracking import (
     DEFAULT_TRACKER,
     compare_per_window,
     detect,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from server.media import write_mp4
-from server.model.config import ModelConfig, PipelineConfig, get_preset
-from server.model.loader import load_pipeline
-from server.model.stdit import CausalSTDiT
-from server.train.losses import TrainingDiffusion
-from server.train.trainer import (
+from ca2vdm.server.media import write_mp4
+from ca2vdm.server.model.config import ModelConfig, PipelineConfig, get_preset
+from ca2vdm.server.model.loader import load_pipeline
+from ca2vdm.server.model.stdit import CausalSTDiT
+from ca2vdm.server.train.losses import TrainingDiffusion
+from ca2vdm.server.train.trainer import (
     TrainConfig,
     Trainer,
     init_for_training,
@@ -22,7 +22,7 @@ from server.train.trainer import (
     to_model_range,
     training_step_inputs,
 )
-from server.train.video_folder import VideoFolderDataset
+from ca2vdm.server.train.video_folder import VideoFolderDataset
 
 PIPE = PipelineConfig(model=ModelConfig(input_size=(8, 8, 8), in_channels=3, hidden_size=32, depth=2, num_heads=2),
                       codec="pixel")  # fmt: skip
@@ -137,7 +137,7 @@ def test_video_folder_dataset(tmp_path):
 
 
 def test_cli_train_on_a_video_folder(tmp_path):
-    from server.cli import main
+    from ca2vdm.server.cli import main
 
     frames = torch.randint(0, 256, (40, 24, 32, 3), dtype=torch.uint8)
     (tmp_path / "videos").mkdir()
@@ -149,7 +149,7 @@ def test_cli_train_on_a_video_folder(tmp_path):
 
 
 def test_cli_train_on_sprites(tmp_path):
-    from server.cli import main
+    from ca2vdm.server.cli import main
 
     args = ["--preset", "tiny", "--data", "sprites", "--steps", "2", "--batch-size", "2", "--log-every", "1"]
     rc = main(["train", *args, "--device", "cpu", "--out", str(tmp_path / "run")])
@@ -159,7 +159,7 @@ def test_cli_train_on_sprites(tmp_path):
 def test_cli_eval_reports_model_and_truth(tmp_path, capsys):
     import json
 
-    from server.cli import main
+    from ca2vdm.server.cli import main
 
     out = tmp_path / "eval.json"
     rc = main(["eval", "--model", "random:tiny", "--device", "cpu", "--videos", "1", "--ar-steps", "3", "--steps", "2",
@@ -175,7 +175,7 @@ def test_cli_eval_reports_model_and_truth(tmp_path, capsys):
 
 
 def test_ema_decay_warms_up():
-    from server.train.trainer import ema_decay_at
+    from ca2vdm.server.train.trainer import ema_decay_at
 
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
     values = [ema_decay_at(s, 0.999) for s in range(0, 20_000, 50)]

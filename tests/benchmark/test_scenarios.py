@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.benchmark import ar_steps_scenario
+from ca2vdm.server.benchmark.scenarios import ar_steps_scenario
 
 
 def test_ar_steps_compare_the_cached_and_recompute_paths_as_the_context_grows(tiny_pipe):

@@ -1,15 +1,13 @@
-"""Image and video I/O (pillow + PyAV): condition images in, H.264 MP4 out.
+"""Video files: H.264 MP4 out (whole jobs, atomically), any video in (tests, evaluation, training data).
 
-Everything here works on uint8 RGB tensors in (H, W, 3) / (T, H, W, 3) layout, the layout the API and
-encoders use; conversion to the model's [-1, 1] (B, 3, T, H, W) lives in ``server.model.codecs``.
+Everything here works on uint8 RGB tensors in (T, H, W, 3) layout, the layout the API and encoders use;
+conversion to the model's [-1, 1] (B, 3, T, H, W) lives in ``ca2vdm.server.model.codecs``.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
-import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,121 +15,13 @@ import av
 import numpy as np
 import torch
 from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc, Interpolation
-from PIL import Image, ImageOps
 from torch import Tensor
-
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "IMAGE_FORMATS",
-    "load_image",
-    "encoded_size",
-    "write_mp4",
-    "read_video",
-]
-
-#: Largest image (width * height, from the header) ``load_image`` accepts: guards memory against huge uploads.
-DEFAULT_MAX_PIXELS = 40_000_000
-
-#: Pillow formats ``load_image`` opens. A fixed allow-list: user bytes never reach exotic decoders (EPS would
-#: run Ghostscript, for instance).
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
-
-_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 # swscale's default RGB<->YUV path is a fast approximation that shifts colours by 2-3 levels per round trip;
 # accurate rounding with full chroma interpolation brings a flat colour back within 1 level.
 _SWS_FLAGS = (
     Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT | Interpolation.FULL_CHR_H_INP
 )
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any pillow mode -> RGB. Transparency is composited onto white; 16-bit grey is scaled, not clipped."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in _SIXTEEN_BIT_MODES:
-        arr = np.asarray(im, dtype=np.float64)  # (H, W), 0..65535
-        grey = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def _resize_center_crop(im: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Scale so the image covers (H, W) (short side fits), then take the centre (H, W) window.
-
-    Done in one ``resize(box=...)`` call on the source crop, which is the same as resize-then-crop but never
-    materialises the (possibly huge, for extreme aspect ratios) intermediate image.
-    """
-    out_h, out_w = size
-    src_w, src_h = im.size
-    scale = max(out_h / src_h, out_w / src_w)
-    box_w, box_h = out_w / scale, out_h / scale  # source window that maps onto the output
-    left, top = (src_w - box_w) / 2.0, (src_h - box_h) / 2.0
-    if (src_w, src_h) == (out_w, out_h):
-        return im
-    return im.resize(
-        (out_w, out_h),
-        resample=Image.Resampling.BICUBIC,
-        box=(left, top, left + box_w, top + box_h),
-    )
-
-
-def load_image(
-    path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
-    size: tuple[int, int] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Tensor:
-    """Decode a PNG/JPEG (also WebP/BMP) to uint8 RGB (H, W, 3); with ``size=(H, W)``, resize + centre-crop.
-
-    The usual video-prediction preprocessing: scale the short side to fit, centre-crop to exactly (H, W).
-    EXIF orientation is applied, animated images give their first frame, alpha is composited onto white.
-
-    Raises FileNotFoundError for a missing path, ValueError for undecodable data or an image whose header
-    declares more than ``max_pixels`` pixels (checked before the pixel data is decoded).
-    """
-    if size is not None:
-        if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
-            raise ValueError(f"size must be (H, W) with positive integers, got {size!r}")
-        if size[0] * size[1] > max_pixels:
-            raise ValueError(f"requested size {size[0]}x{size[1]} exceeds the limit of {max_pixels} pixels")
-    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        source: str | io.BytesIO = io.BytesIO(bytes(path_or_bytes))
-        label = "<bytes>"
-    else:
-        path = Path(path_or_bytes)
-        if not path.is_file():
-            if not path.exists():
-                raise FileNotFoundError(f"image not found: {str(path)!r}")
-            raise ValueError(f"cannot decode image: not a regular file: {str(path)!r}")
-        source, label = str(path), repr(str(path))
-
-    with warnings.catch_warnings():
-        # Our own limit applies; silence pillow's DecompressionBombWarning (its hard error is caught below).
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(source, formats=IMAGE_FORMATS) as im:
-                width, height = im.size  # from the header: nothing decoded yet
-                if width * height > max_pixels:
-                    raise ValueError(
-                        f"image {label} is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
-                    )
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                rgb = _to_rgb(im)
-                if size is not None:
-                    rgb = _resize_center_crop(rgb, (int(size[0]), int(size[1])))
-                arr = np.array(rgb, dtype=np.uint8)  # (H, W, 3), owns its memory
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"image {label} is too large: {e}") from e
-        except (OSError, SyntaxError, Image.UnidentifiedImageError) as e:
-            # UnidentifiedImageError and truncated-data errors are OSErrors; some plugins raise SyntaxError.
-            raise ValueError(f"cannot decode image {label}: {e}") from e
-    return torch.from_numpy(arr)  # (H, W, 3) uint8
 
 
 def encoded_size(height: int, width: int) -> tuple[int, int]:

@@ -16,7 +16,6 @@ import asyncio
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,69 +23,21 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from server.cache.block_manager import PageManager
-from server.cache.paged import PagedKVCache
-from server.cache.pool import KVPool
-from server.model import layers
-from server.model.loader import Pipeline, load_pipeline
+from ca2vdm.server.cache.paged import PagedKVCache
+from ca2vdm.server.engine.config import EngineConfig
+from ca2vdm.server.engine.engine import Engine
+from ca2vdm.server.engine.session import SessionParams
+from ca2vdm.server.model import layers
+from ca2vdm.server.model.loader import Pipeline, load_pipeline
 
-from .engine import Engine
-from .scheduler import SchedulerConfig
-from .session import SessionParams
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _timed_ms(fn, iters: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def matmul_tflops() -> float:
-    if not torch.cuda.is_available():
-        return float("nan")
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = _timed_ms(lambda: a @ a, iters=10, warmup=3)
-    return 2 * 8192**3 / ms / 1e9
-
-
-def fp8_matmul_tflops() -> float:
-    """The float8 (e4m3, row-wise scales) rate of an 8192^3 product, as the float8 linears run it."""
-    fp8 = torch.float8_e4m3fn
-    a, b = (torch.randn(8192, 8192, device="cuda").to(fp8) for _ in range(2))
-    sa, sb = torch.ones(8192, 1, device="cuda"), torch.ones(1, 8192, device="cuda")
-    ms = _timed_ms(lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
-                                            use_fast_accum=True), iters=10, warmup=3)  # fmt: skip
-    return 2 * 8192**3 / ms / 1e9
-
-
-def _stream_with_cache(pipe: Pipeline, pool: KVPool, pages: PageManager, batch: int, frames: int):
-    cfg = pipe.config
-    c, (h, w) = cfg.model.in_channels, cfg.model.input_size[1:]
-    streams = [pages.new_stream(cfg.max_cache_frames) for _ in range(batch)]
-    cache = PagedKVCache(pool, pages, streams)
-    pipe.model.write(cache, torch.randn(batch, c, 1, h, w, device=pipe.device))
-    while streams[0].num_written < frames:
-        pipe.model.write(cache, torch.randn(batch, c, cfg.chunk_frames, h, w, device=pipe.device))
-    return cache
+from .caches import filled_cache, paged_pool
+from .timing import cuda_sync, fp8_matmul_tflops, git_commit, matmul_tflops, timed_ms
 
 
 def forward_scenario(pipe: Pipeline, tflops: float) -> dict:
     cfg = pipe.config
-    pool = KVPool.for_sessions(cfg.model, 1, cfg.max_cache_frames, pipe.device, next(pipe.model.parameters()).dtype)
-    pages = PageManager(pool.num_pages, pool.num_prefix_pages, cfg.model.prefix_frames)
-    cache = _stream_with_cache(pipe, pool, pages, 1, cfg.max_cache_frames)
+    pool, pages = paged_pool(pipe, 1)
+    cache = filled_cache(pipe, pool, pages, 1, cfg.max_cache_frames)
     c, (h, w) = cfg.model.in_channels, cfg.model.input_size[1:]
     x = torch.randn(1, c, cfg.chunk_frames, h, w, device=pipe.device)
     t = torch.full((1,), 500, device=pipe.device)
@@ -99,17 +50,17 @@ def forward_scenario(pipe: Pipeline, tflops: float) -> dict:
     finally:
         layers.GELU_EPILOGUE = epilogue
     flops = counter.get_total_flops()
-    ms = _timed_ms(lambda: pipe.model.denoise(cache, x, t))
+    ms = timed_ms(lambda: pipe.model.denoise(cache, x, t))
     floor_ms = flops / (tflops * 1e12) * 1e3
     row = {"denoise_ms": ms, "tflop": flops / 1e12, "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms}
     if pipe.device.type == "cuda":  # the same forward replayed as a CUDA graph
-        from .graphs import GraphedDenoiser
+        from ca2vdm.server.engine.graphs import GraphedDenoiser
 
-        graphed = GraphedDenoiser(pipe.model, pool, pages, cfg.max_cache_frames, tuple(x.shape[1:]), 1)
+        graphed = GraphedDenoiser(pipe.model, pool, pages, tuple(x.shape[1:]), 1)
         eager = pipe.model.denoise(cache, x, t)
         replay = graphed(cache.streams, x, t)
         row["graph_vs_eager_max_abs_diff"] = (replay.float() - eager.float()).abs().max().item()
-        row["denoise_graph_ms"] = _timed_ms(lambda: graphed(cache.streams, x, t))
+        row["denoise_graph_ms"] = timed_ms(lambda: graphed(cache.streams, x, t))
         row["graph_ratio_to_floor"] = row["denoise_graph_ms"] / floor_ms
     return row
 
@@ -121,19 +72,16 @@ def ar_steps_scenario(pipe: Pipeline, steps: int = 30) -> list[dict]:
     launch overhead; on the CPU everything runs eagerly."""
     cfg = pipe.config
     mc = cfg.model
-    dtype = next(pipe.model.parameters()).dtype
-    num_pages, num_prefix = cfg.max_cache_frames, max(mc.prefix_frames, 1)
-    pool = KVPool(mc, num_pages + 1, num_prefix + 1, pipe.device, dtype)  # + the write graphs' scratch pages
-    pages = PageManager(num_pages, num_prefix, mc.prefix_frames)
+    pool, pages = paged_pool(pipe, 1)
     c, (h, w), n = mc.in_channels, mc.input_size[1:], cfg.chunk_frames
-    stream = pages.new_stream(cfg.max_cache_frames)
+    stream = pages.new_stream()
     cuda = pipe.device.type == "cuda"
     if cuda:
-        from .graphs import GraphedDenoiser, GraphedWriter, capture
+        from ca2vdm.server.engine.graphs import GraphedDenoiser, GraphedWriter, capture
 
-        denoiser = GraphedDenoiser(pipe.model, pool, pages, cfg.max_cache_frames, (c, n, h, w), 1)
-        writer = GraphedWriter(pipe.model, pool, pages, cfg.max_cache_frames, (c, n, h, w), 1, frame_counts=(1, n),
-                               scratch=(num_pages, num_prefix), mempool=denoiser.mempool)  # fmt: skip
+        denoiser = GraphedDenoiser(pipe.model, pool, pages, (c, n, h, w), 1)
+        writer = GraphedWriter(pipe.model, pool, pages, (c, n, h, w), 1, frame_counts=(1, n),
+                               mempool=denoiser.mempool)  # fmt: skip
 
         def denoise(x, t):
             return denoiser([stream], x, t)
@@ -166,17 +114,17 @@ def ar_steps_scenario(pipe: Pipeline, steps: int = 30) -> list[dict]:
         with torch.no_grad():
             if cuda:
                 graph, _ = capture(recompute, denoiser.mempool)
-                recompute_ms = _timed_ms(graph.replay, iters=5)
+                recompute_ms = timed_ms(graph.replay, iters=5)
                 del graph
             else:
-                recompute_ms = _timed_ms(recompute, iters=3)
-        cached = _timed_ms(lambda: denoise(x, t), iters=5)  # noqa: B023
+                recompute_ms = timed_ms(recompute, iters=3)
+        cached = timed_ms(lambda: denoise(x, t), iters=5)  # noqa: B023
         cached_frames = stream.num_cached
         clean = torch.randn(1, c, n, h, w, device=pipe.device)
-        _sync()
+        cuda_sync()
         start = time.perf_counter()
         write(clean)
-        _sync()
+        cuda_sync()
         rows.append({"ar_step": step, "cached_frames": cached_frames, "denoise_ms": cached,
                      "write_ms": (time.perf_counter() - start) * 1e3, "recompute_ms": recompute_ms})  # fmt: skip
         history = torch.cat([history, clean], dim=2)[:, :, -cfg.max_cache_frames - n :]
@@ -206,7 +154,7 @@ def sessions_scenario(pipe: Pipeline, n: int, steps: int, chunks: int, max_batch
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    engine = Engine(pipe, SchedulerConfig(max_sessions=n, max_batch=min(max_batch, n), max_waiting=0)).start()
+    engine = Engine(pipe, EngineConfig(max_sessions=n, max_batch=min(max_batch, n), max_waiting=0)).start()
     try:
         start = time.perf_counter()
         results = asyncio.run(_run_sessions(engine, params))
@@ -236,13 +184,13 @@ def sessions_scenario(pipe: Pipeline, n: int, steps: int, chunks: int, max_batch
 def check_scenario(pipe: Pipeline) -> dict:
     """Batched engine sessions (paged pool, CUDA graphs) against the offline loop run alone (dense cache,
     eager), same seeds: mean absolute difference of the uint8 frames."""
-    from server.model.generate import generate_video
+    from ca2vdm.server.model.generate import generate_video
 
     height, width = pipe.frame_size
     gen = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=gen) for _ in range(4)]
     params = [SessionParams(image=im, seed=i, sampler="ddim", steps=10, num_frames=17) for i, im in enumerate(images)]
-    engine = Engine(pipe, SchedulerConfig(max_sessions=4, max_batch=4)).start()
+    engine = Engine(pipe, EngineConfig(max_sessions=4, max_batch=4)).start()
     try:
         results = asyncio.run(_collect_frames(engine, params))
     finally:
@@ -267,7 +215,7 @@ def run_benchmarks(args) -> dict:
     result: dict = {
         "card": torch.cuda.get_device_name() if pipe.device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "commit": args.commit or _git_commit(),
+        "commit": args.commit or git_commit(),
         "command": "ca2vdm " + " ".join(sys.argv[1:]),
         "model": args.model,
     }
@@ -303,15 +251,10 @@ def _table5(pipe: Pipeline) -> dict:
     height, width = pipe.frame_size
     image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8)
     params = SessionParams(image=image, seed=0, sampler="iddpm", steps=100, num_frames=80)
-    engine = Engine(pipe, SchedulerConfig(max_sessions=1, max_batch=1)).start()
+    engine = Engine(pipe, EngineConfig(max_sessions=1, max_batch=1)).start()
     try:
         start = time.perf_counter()
         asyncio.run(_run_sessions(engine, [params]))
         return {"frames": 80, "iddpm_steps": 100, "seconds": time.perf_counter() - start}
     finally:
         engine.stop()
-
-
-def _git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else "unknown"

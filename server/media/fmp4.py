@@ -1,4 +1,4 @@
-"""Per-stream clip encoders: fragmented MP4 (H.264) for Media Source Extensions, JPEG for simple clients.
+"""Fragmented MP4 (H.264) clips for Media Source Extensions.
 
 A stream is encoded clip by clip as clips come out of the generator. For MSE the stream is one init segment
 (ftyp + moov) followed by one media segment (moof + mdat) per clip. Every clip is encoded by a fresh libx264
@@ -19,16 +19,10 @@ from fractions import Fraction
 
 import av
 import numpy as np
-import torch
-from PIL import Image
 from torch import Tensor
 
-from server.media import encoded_size, tag_bt709, yuv420_frame
-
-__all__ = ["Fmp4Encoder", "JpegEncoder", "make_encoder", "ENCODER_FORMATS"]
-
-#: Formats ``make_encoder`` accepts.
-ENCODER_FORMATS = ("fmp4", "jpeg")
+from .clip import check_clip, check_first_frame
+from .video import encoded_size, tag_bt709, yuv420_frame
 
 # A fixed GOP limit: x264 derives SPS fields (log2_max_frame_num) from keyint, so it must not vary per clip or
 # the segments' parameter sets would differ from the init segment's. A clip longer than this still works: it
@@ -181,28 +175,11 @@ def _rewrite_moof(data: bytes, moof: _Box, sequence: int, time_shift: int) -> by
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Encoders
-
-
-def _check_clip(frames: Tensor, height: int | None, width: int | None) -> None:
-    if not isinstance(frames, Tensor):
-        raise TypeError(f"frames must be a torch.Tensor, got {type(frames).__name__}")
-    if frames.dtype != torch.uint8:
-        raise ValueError(f"frames must be uint8, got {frames.dtype}")
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
-        raise ValueError(f"frames must be (n >= 1, H, W, 3), got shape {tuple(frames.shape)}")
-    if height is not None and width is not None and tuple(frames.shape[1:3]) != (height, width):
-        raise ValueError(f"frames must be {height}x{width} (H x W), got shape {tuple(frames.shape)}")
-
-
-def _check_first_frame(first_frame: int) -> int:
-    if isinstance(first_frame, bool) or int(first_frame) != first_frame or first_frame < 0:
-        raise ValueError(f"first_frame must be a non-negative integer, got {first_frame!r}")
-    return int(first_frame)
+# The encoder
 
 
 class Fmp4Encoder:
-    """H.264 in fragmented MP4 for MSE: ``init_segment()`` once, then ``encode_clip`` per clip, appended in order.
+    """H.264 in fragmented MP4 for MSE: ``init_segment()`` once, then ``encode`` per clip, appended in order.
 
     One per stream; not thread-safe. Odd sizes are padded to even by repeating the edge (as ``media.write_mp4``
     does), so the video is ``media.encoded_size(height, width)``. Colours are tagged and converted as BT.709,
@@ -286,14 +263,14 @@ class Fmp4Encoder:
                 container.mux(packet)
         return buf.getvalue()
 
-    def encode_clip(self, frames: Tensor, first_frame: int) -> bytes:
+    def encode(self, frames: Tensor, first_frame: int) -> list[bytes]:
         """Encode (n, H, W, 3) uint8 RGB frames into one media segment (moof + mdat) starting with an IDR frame.
 
         Its decode time is ``first_frame / fps`` on the stream timeline. Clips must come in stream order:
         ``first_frame`` below the end of the previous clip raises ValueError (it would overwrite buffered media).
         """
-        _check_clip(frames, self.height, self.width)
-        first_frame = _check_first_frame(first_frame)
+        check_clip(frames, self.height, self.width)
+        first_frame = check_first_frame(first_frame)
         if first_frame < self._next_frame:
             raise ValueError(f"first_frame {first_frame} overlaps the previous clip (next frame is {self._next_frame})")
 
@@ -326,36 +303,4 @@ class Fmp4Encoder:
             raise RuntimeError("muxer output has no media fragment")
         self._sequence = sequence
         self._next_frame = first_frame + frames.shape[0]
-        return b"".join(out)
-
-
-class JpegEncoder:
-    """One baseline JPEG per frame, for clients that just draw images (no MSE)."""
-
-    mime = "image/jpeg"
-
-    def __init__(self, quality: int = 85, *, width: int | None = None, height: int | None = None) -> None:
-        if isinstance(quality, bool) or int(quality) != quality or not 1 <= quality <= 100:
-            raise ValueError(f"quality must be an integer in [1, 100], got {quality!r}")
-        self.quality = int(quality)
-        self.width, self.height = width, height  # checked against clips when given
-
-    def encode_clip(self, frames: Tensor, first_frame: int) -> list[bytes]:
-        """(n, H, W, 3) uint8 RGB -> n JPEG files, in order. ``first_frame`` is only validated (JPEGs carry no time)."""
-        _check_clip(frames, self.height, self.width)
-        _check_first_frame(first_frame)
-        out: list[bytes] = []
-        for frame in frames.detach().cpu().numpy():
-            buf = io.BytesIO()
-            Image.fromarray(frame).save(buf, format="JPEG", quality=self.quality)
-            out.append(buf.getvalue())
-        return out
-
-
-def make_encoder(fmt: str, width: int, height: int, fps: int) -> Fmp4Encoder | JpegEncoder:
-    """The encoder for a stream's output format: ``"fmp4"`` (MSE) or ``"jpeg"``; ValueError for anything else."""
-    if fmt == "fmp4":
-        return Fmp4Encoder(width, height, fps)
-    if fmt == "jpeg":
-        return JpegEncoder(width=width, height=height)
-    raise ValueError(f"unknown output format {fmt!r}; expected one of {ENCODER_FORMATS}")
+        return [b"".join(out)]

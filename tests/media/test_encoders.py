@@ -13,9 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from server.engine import output
-from server.engine.output import Fmp4Encoder, JpegEncoder, make_encoder
-from server.media import _frame_to_rgb, encoded_size
+from ca2vdm.server.media import FORMATS, ClipEncoder, Fmp4Encoder, JpegEncoder, encoded_size, fmp4, make_encoder
+from ca2vdm.server.media.video import _frame_to_rgb
 
 FPS = 8
 CLIPS = ((0, 1), (1, 8), (9, 8))  # (first_frame, n): 17 frames in all
@@ -117,7 +116,7 @@ def _decode(data: bytes) -> list[tuple[np.ndarray, Fraction, bool]]:
 def _encode_stream(w: int, h: int) -> tuple[Fmp4Encoder, torch.Tensor, list[bytes]]:
     enc = Fmp4Encoder(w, h, FPS)
     video = _video(17, h, w)
-    segments = [enc.encode_clip(video[ff : ff + n], ff) for ff, n in CLIPS]
+    segments = [enc.encode(video[ff : ff + n], ff)[0] for ff, n in CLIPS]
     return enc, video, segments
 
 
@@ -194,24 +193,24 @@ def test_fmp4_content_changes_keep_parameter_sets() -> None:
     """Noise then flat frames: per-clip encoders must keep SPS/PPS identical to the init segment (else raise)."""
     enc = Fmp4Encoder(32, 32, FPS)
     gen = torch.Generator().manual_seed(0)
-    enc.encode_clip(torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=gen), 0)
-    enc.encode_clip(torch.full((3, 32, 32, 3), 200, dtype=torch.uint8), 4)
+    enc.encode(torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=gen), 0)
+    enc.encode(torch.full((3, 32, 32, 3), 200, dtype=torch.uint8), 4)
 
 
 def test_fmp4_tfdt_beyond_32_bits() -> None:
     enc = Fmp4Encoder(32, 32, FPS)
     ff = 10**7  # ~14.5 days at 8 fps: past 2**32 timescale units
-    segment = enc.encode_clip(_video(2, 32, 32, ff), ff)
+    (segment,) = enc.encode(_video(2, 32, 32, ff), ff)
     assert _fragment_info(segment)["tfdt"] == ff * enc.timescale // FPS > 2**32
     _check_frames(_decode(enc.init_segment() + segment), _video(2, 32, 32, ff), ff)
 
 
 def test_fmp4_long_clip_splits_into_fragments(monkeypatch: pytest.MonkeyPatch) -> None:
     """A clip longer than the GOP limit becomes several moof + mdat pairs, each an IDR with its own time."""
-    monkeypatch.setitem(output._X264_OPTIONS, "x264-params", "keyint=4:min-keyint=4:scenecut=0:open-gop=0")
+    monkeypatch.setitem(fmp4._X264_OPTIONS, "x264-params", "keyint=4:min-keyint=4:scenecut=0:open-gop=0")
     enc = Fmp4Encoder(32, 32, FPS)
     video = _video(12, 32, 32)
-    segments = [enc.encode_clip(video[:10], 0), enc.encode_clip(video[10:], 10)]
+    segments = [enc.encode(video[:10], 0)[0], enc.encode(video[10:], 10)[0]]
     boxes = _boxes(segments[0])
     assert [b[0] for b in boxes] == [b"moof", b"mdat"] * 3
     pairs = [segments[0][boxes[i][1] - 8 : boxes[i + 1][2]] for i in (0, 2, 4)] + [segments[1]]
@@ -245,11 +244,11 @@ def test_rewrite_moof_grows_version0_tfdt() -> None:
     """A 32-bit tfdt is widened to 64 bits; the trun data offset must follow the moof's new size."""
     enc = Fmp4Encoder(32, 32, FPS)
     video = _video(3, 32, 32, 4)
-    v0 = _downgrade_tfdt(enc.encode_clip(video, 0))
-    moof = next(output._iter_boxes(v0))
+    v0 = _downgrade_tfdt(enc.encode(video, 0)[0])
+    moof = next(fmp4._iter_boxes(v0))
     assert moof.type == b"moof"
     shift = 4 * enc.timescale // FPS
-    rewritten = output._rewrite_moof(v0, moof, 7, shift) + v0[moof.end :]
+    rewritten = fmp4._rewrite_moof(v0, moof, 7, shift) + v0[moof.end :]
     assert len(rewritten) == len(v0) + 4
     info = _fragment_info(rewritten)
     assert info["sequence"] == 7 and info["tfdt"] == shift
@@ -260,16 +259,16 @@ def test_fmp4_rejects_bad_clips() -> None:
     enc = Fmp4Encoder(32, 32, FPS)
     good = _video(2, 32, 32)
     with pytest.raises(ValueError):
-        enc.encode_clip(good.float(), 0)
+        enc.encode(good.float(), 0)
     for bad in (good[..., :2], good[:, :16], good[:, :, :31], good[0], good[:0], torch.cat([good, good[..., :1]], -1)):
         with pytest.raises(ValueError):
-            enc.encode_clip(bad, 0)
+            enc.encode(bad, 0)
     with pytest.raises(ValueError):
-        enc.encode_clip(good, -1)
-    enc.encode_clip(good, 0)
+        enc.encode(good, -1)
+    enc.encode(good, 0)
     with pytest.raises(ValueError, match="overlaps"):
-        enc.encode_clip(good, 1)
-    enc.encode_clip(good, 2)
+        enc.encode(good, 1)
+    enc.encode(good, 2)
     with pytest.raises(ValueError):
         Fmp4Encoder(0, 32, FPS)
     with pytest.raises(ValueError):
@@ -281,7 +280,7 @@ def test_jpeg_encoder() -> None:
     video = _video(3, h, w)
     enc = JpegEncoder()
     assert enc.mime == "image/jpeg"
-    jpegs = enc.encode_clip(video, 5)
+    jpegs = enc.encode(video, 5)
     assert len(jpegs) == 3
     for jpeg, frame in zip(jpegs, video, strict=True):
         with Image.open(io.BytesIO(jpeg), formats=["JPEG"]) as im:
@@ -289,17 +288,22 @@ def test_jpeg_encoder() -> None:
             rgb = np.asarray(im)
         assert np.abs(rgb.astype(np.int16) - frame.numpy().astype(np.int16)).mean() < 4
     with pytest.raises(ValueError):
-        enc.encode_clip(video.float(), 0)
+        enc.encode(video.float(), 0)
     with pytest.raises(ValueError):
-        enc.encode_clip(video[0], 0)
+        enc.encode(video[0], 0)
 
 
-def test_make_encoder() -> None:
-    fmp4 = make_encoder("fmp4", 32, 16, FPS)
-    assert isinstance(fmp4, Fmp4Encoder) and fmp4.encoded_size == (16, 32)
-    jpeg = make_encoder("jpeg", 32, 16, FPS)
-    assert isinstance(jpeg, JpegEncoder)
+def test_make_encoder_gives_a_clip_encoder_per_format() -> None:
+    encoders = {fmt: make_encoder(fmt, 32, 16, FPS) for fmt in FORMATS}
+    assert isinstance(encoders["fmp4"], Fmp4Encoder) and encoders["fmp4"].encoded_size == (16, 32)
+    assert isinstance(encoders["jpeg"], JpegEncoder) and encoders["jpeg"].init_segment() is None
+    video = _video(3, 16, 32)
+    for fmt, enc in encoders.items():  # the protocol the engine relies on: mime, init segment, messages per clip
+        assert isinstance(enc, ClipEncoder) and enc.mime.startswith({"fmp4": "video/mp4", "jpeg": "image/jpeg"}[fmt])
+        media = enc.encode(video, 0)
+        assert isinstance(media, list) and all(isinstance(m, bytes) and m for m in media)
+        assert len(media) == {"fmp4": 1, "jpeg": 3}[fmt]
     with pytest.raises(ValueError):
-        jpeg.encode_clip(_video(1, 32, 32), 0)  # the stream size is enforced
-    with pytest.raises(ValueError):
+        encoders["jpeg"].encode(_video(1, 32, 32), 0)  # the stream size is enforced
+    with pytest.raises(ValueError, match="unknown output format"):
         make_encoder("gif", 32, 16, FPS)

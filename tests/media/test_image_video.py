@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from server import media
-from server.media import encoded_size, load_image, read_video, write_mp4
+from ca2vdm.server.media import encoded_size, load_image, read_video, write_mp4
+from ca2vdm.server.media import video as media_video
 
 
 def _smooth_video(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -97,7 +97,7 @@ def test_mp4_failure_mid_write_leaves_old_file(tmp_path: Path, monkeypatch: pyte
     out = tmp_path / "v.mp4"
     write_mp4(out, _smooth_video(3, 16, 16), fps=8)
     before = out.read_bytes()
-    real = media.av.VideoFrame.from_ndarray
+    real = media_video.av.VideoFrame.from_ndarray
     calls = {"n": 0}
 
     def flaky(*args: object, **kwargs: object):
@@ -106,7 +106,7 @@ def test_mp4_failure_mid_write_leaves_old_file(tmp_path: Path, monkeypatch: pyte
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(media.av.VideoFrame, "from_ndarray", flaky)
+    monkeypatch.setattr(media_video.av.VideoFrame, "from_ndarray", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         write_mp4(out, _smooth_video(6, 16, 16), fps=8)
     assert out.read_bytes() == before
