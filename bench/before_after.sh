@@ -9,9 +9,8 @@ base=$1 new=$2 out=$3
 shift 3
 rm -rf /tmp/base && mkdir -p /tmp/base && tar xf ".dev/base_${base}.tar" -C /tmp/base
 if [ -d /tmp/base/ca2vdm ]; then
-    mkdir -p /tmp/base_ns/ca2vdm && ln -sf /tmp/base/ca2vdm/__init__.py /tmp/base_ns/ca2vdm/__init__.py
-    for d in server kernels client; do ln -sfn "/tmp/base/$d" "/tmp/base_ns/ca2vdm/$d"; done
-    (cd /tmp/base && PYTHONPATH="/tmp/base_ns:/tmp/site" python3 -m ca2vdm.server.cli bench --commit "$base" \
+    for d in server kernels client; do ln -sfn "../$d" "/tmp/base/ca2vdm/$d"; done
+    (cd /tmp/base && PYTHONPATH="/tmp/base:/tmp/site" python3 -m ca2vdm.server.cli bench --commit "$base" \
         --out "$out/bench_base_${base}.json" "$@")
 else
     (cd /tmp/base && PYTHONPATH="/tmp/base:/tmp/site" python3 -m server.cli bench --commit "$base" \
