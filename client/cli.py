@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     def generation_flags(p: argparse.ArgumentParser, frames_required: bool) -> None:
         p.add_argument("--image", type=Path, help="condition image (PNG/JPEG); default: none")
         p.add_argument("--seed", type=_seed)
-        p.add_argument("--sampler", choices=["ddim", "iddpm"])
+        p.add_argument("--sampler", help="a sampler the model offers (GET /v1/models lists them); default: the model's")
         p.add_argument("--steps", type=_positive, help="denoising steps per chunk")
         p.add_argument("--frames", type=_positive, required=frames_required,
                        help="frames to generate" + ("" if frames_required else " (default: until Ctrl-C)"))  # fmt: skip

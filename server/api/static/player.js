@@ -59,7 +59,7 @@ async function start() {
   ws.onopen = async () => {
     const frames = parseInt($("frames").value, 10);
     ws.send(JSON.stringify({ type: "start", image: await imageBase64(), seed: parseInt($("seed").value, 10) || 0,
-      sampler: $("sampler").value, steps: parseInt($("steps").value, 10) || null,
+      sampler: $("sampler").value || null, steps: parseInt($("steps").value, 10) || null,
       num_frames: Number.isFinite(frames) ? frames : null, format: "fmp4" }));
   };
   ws.onmessage = (ev) => {
@@ -106,12 +106,25 @@ for (const img of document.querySelectorAll(".samples img")) {
 $("start").addEventListener("click", () => start().catch((e) => setStatus(String(e), true)));
 $("stop").addEventListener("click", stop);
 
+// The model's samplers and defaults come from the server (/v1/models), the one list the API validates against.
+async function loadModel() {
+  const key = $("apikey").value;
+  const res = await fetch("/v1/models", key ? { headers: { Authorization: `Bearer ${key}` } } : {});
+  if (!res.ok) return;  // e.g. a key is needed: the server's defaults still apply
+  const model = await res.json();
+  const select = $("sampler");
+  for (const name of model.samplers) select.add(new Option(name.toUpperCase(), name, false, name === model.default_sampler));
+  if (!$("steps").value) $("steps").placeholder = `server default (${model.default_steps})`;
+  state.model = model;
+}
+
 const params = new URLSearchParams(location.search);
 for (const [name, id] of [["frames", "frames"], ["steps", "steps"], ["seed", "seed"]]) {
   if (params.has(name)) $(id).value = params.get(name);
 }
 if (params.has("sample")) document.querySelector(`.samples img[data-name="${params.get("sample")}"]`)?.click();
-if (params.get("autostart") === "1") start().catch((e) => setStatus(String(e), true));
+const modelLoaded = loadModel().catch(() => {});
+if (params.get("autostart") === "1") modelLoaded.then(() => start()).catch((e) => setStatus(String(e), true));
 window.ca2vdm.video = () => {
   const v = $("video");
   const q = v.getVideoPlaybackQuality ? v.getVideoPlaybackQuality() : { totalVideoFrames: 0 };
