@@ -50,13 +50,16 @@ class Clip:
     num_frames: int
     gen_ms: float
     media: list[bytes] = field(repr=False)
+    ahead_ms: float | None = None  # live streams: how long before the viewer needs it the clip was out (< 0: late)
 
 
 @dataclass(frozen=True)
 class Done:
-    """The stream ended normally (requested frame count reached, or stopped); `frames` were sent in all."""
+    """The stream ended normally (requested frame count reached, or stopped); `frames` were sent in all.
+    `reason` is "max_frames" when an unbounded stream reached the server's limit."""
 
     frames: int
+    reason: str | None = None
 
 
 Event = Ready | Clip | Done
@@ -90,13 +93,16 @@ class StreamClient:
         steps: int | None = None,
         num_frames: int | None = None,
         format: str = "fmp4",
+        pace: str = "realtime",
     ) -> AsyncIterator[Event]:
         """Yield `Ready`, the `Clip`s, then `Done`. Server errors raise `StreamError`.
 
-        `image`: PNG/JPEG bytes or a path (sent base64); `num_frames` None streams until `stop()`.
-        Unset fields take the server's defaults.
+        `image`: PNG/JPEG bytes or a path (sent base64); `num_frames` None streams until `stop()` (or the server's
+        max_frames). `pace`: "realtime" (a viewer at the model's fps) or "max" (as fast as spare capacity allows).
+        Unset fields take the server's defaults. Each clip is acknowledged when the caller asks for the next event,
+        so a caller that stops iterating makes the server pause the stream (flow control).
         """
-        start: dict[str, Any] = {"type": "start", "format": format}
+        start: dict[str, Any] = {"type": "start", "format": format, "pace": pace}
         if image is not None:
             start["image"] = encode_image(image)
         for key, value in (("seed", seed), ("sampler", sampler), ("steps", steps), ("num_frames", num_frames)):
@@ -124,11 +130,12 @@ class StreamClient:
                 if kind == "clip":
                     count = 1 if fmt == "fmp4" else int(msg["num_frames"])
                     media = [await self._recv_bytes(ws) for _ in range(count)]
-                    yield Clip(
-                        msg["index"], msg["first_frame"], msg["num_frames"], float(msg.get("gen_ms", 0.0)), media
-                    )
+                    ahead = msg.get("ahead_ms")
+                    yield Clip(msg["index"], msg["first_frame"], msg["num_frames"], float(msg.get("gen_ms", 0.0)),
+                               media, None if ahead is None else float(ahead))  # fmt: skip
+                    await self._send_ack(ws, int(msg["first_frame"]) + int(msg["num_frames"]))
                 elif kind == "done":
-                    yield Done(int(msg["frames"]))
+                    yield Done(int(msg["frames"]), msg.get("reason"))
                     return
                 else:
                     raise StreamError("protocol_error", f"unexpected message type {kind!r}")
@@ -168,6 +175,12 @@ class StreamClient:
         try:
             await ws.send(json.dumps({"type": "stop"}))
         except ConnectionClosed:  # already finished
+            pass
+
+    async def _send_ack(self, ws: ClientConnection, frames: int) -> None:
+        try:
+            await ws.send(json.dumps({"type": "ack", "frames": frames}))
+        except ConnectionClosed:  # the server has finished: its last messages are still to be read
             pass
 
     async def _recv(self, ws: ClientConnection) -> str | bytes:

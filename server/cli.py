@@ -113,17 +113,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api.app import create_app
+    from .api.serving import uvicorn_config
     from .api.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        ws_max_size=settings.max_message_bytes,
-        log_level="info",
-    )
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
     return 0
 
 
@@ -217,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--data-dir", default=None)
-    serve.add_argument("--api-key", default=None)
+    serve.add_argument(
+        "--api-key", default=None, help="require this key (visible in ps: prefer --api-key-file or CA2VDM_API_KEY)"
+    )
+    serve.add_argument("--api-key-file", default=None, help="read the required API key from this file")
     serve.add_argument("--max-sessions", type=int, default=None)
     serve.add_argument("--max-batch", type=int, default=None)
     serve.set_defaults(func=_cmd_serve)

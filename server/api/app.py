@@ -1,4 +1,4 @@
-"""The FastAPI application: streaming, health, model info, metrics."""
+"""The FastAPI application: streaming, jobs, health, model info, metrics, docs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -19,12 +21,19 @@ from ca2vdm.server.model.loader import Pipeline, load_pipeline
 
 from . import stream, videos
 from .auth import key_is_valid
-from .jobs import JobRunner, JobStore
+from .job_runner import JobRunner
+from .jobs import JobStore
+from .limits import BodyLimit
 from .metrics import metrics_text
+from .requests import RequestDecoder
 from .settings import Settings
+from .stream import ClientLimits
 
 log = logging.getLogger("ca2vdm.api")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+ERROR_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               408: "request_timeout", 409: "conflict", 413: "payload_too_large", 422: "invalid_request",
+               429: "too_many_requests", 503: "unavailable"}  # fmt: skip
 
 
 def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
@@ -36,23 +45,34 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
                                          device=settings.device, precision=settings.precision)  # fmt: skip
         engine = Engine(pipe, settings.engine_config()).start()  # warm-up included: /readyz turns 200 after this
         app.state.engine = engine
-        app.state.jobs = JobStore(settings.data_dir)
-        app.state.job_runner = JobRunner(app.state.jobs, engine)
-        log.info("model %s ready on %s: %dx%d at %d fps", pipe.name, pipe.device, *pipe.frame_size[::-1],
-                 pipe.config.fps)  # fmt: skip
+        app.state.decoder = RequestDecoder(settings, pipe)
+        app.state.client_limits = ClientLimits(settings.max_sessions_per_client)
+        app.state.jobs = JobStore(settings.data_dir, settings.max_job_attempts)
+        app.state.job_runner = JobRunner(app.state.jobs, engine, settings.max_queued_jobs, settings.max_running_jobs)
+        app.state.job_runner.resume()
+        log.info("model %s ready on %s: %dx%d at %d fps, real-time capacity %d sessions", pipe.name, pipe.device,
+                 *pipe.frame_size[::-1], pipe.config.fps, engine.realtime_capacity())  # fmt: skip
         try:
             yield
         finally:
             await app.state.job_runner.shutdown()
             app.state.jobs.close()
+            app.state.decoder.close()
             engine.stop()
 
     def require_key(request: Request) -> None:
-        if not key_is_valid(settings, request.headers.get("authorization"), request.query_params.get("api_key")):
-            raise HTTPException(status_code=401, detail="missing or wrong API key")
+        if not key_is_valid(settings, request.headers, request.query_params.get("api_key")):
+            raise HTTPException(status_code=401, detail="missing or wrong API key",
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
-    app = FastAPI(title="ca2vdm", version="0.1.0", lifespan=lifespan)
+    docs_open = settings.api_key is None or settings.public_docs
+    app = FastAPI(title="ca2vdm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs_open else None)  # fmt: skip
     app.state.settings = settings
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
     app.include_router(stream.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -62,12 +82,23 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
 
     app.include_router(videos.router, dependencies=[Depends(require_key)])
 
-    codes = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 409: "conflict", 503: "unavailable"}
+    if not docs_open:  # with a key: the schema and the docs page need it too
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
+        def openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(request: Request) -> HTMLResponse:
+        if not docs_open:
+            require_key(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="ca2vdm API")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = codes.get(exc.status_code, "error")
-        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+        code = ERROR_CODES.get(exc.status_code, "error")
+        return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -88,7 +119,8 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     def models(request: Request) -> dict:
-        pipe = request.app.state.engine.pipe
+        engine: Engine = request.app.state.engine
+        pipe = engine.pipe
         height, width = pipe.frame_size
         return {
             "name": pipe.name,
@@ -102,6 +134,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
             "default_steps": pipe.config.default_steps,
             "max_steps": settings.max_steps,
             "max_frames": settings.max_frames,
+            "realtime_capacity_sessions": engine.realtime_capacity(),
         }
 
     @app.get("/metrics", dependencies=[Depends(require_key)])

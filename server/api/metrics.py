@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from ca2vdm.server.engine.engine import Engine, Histogram
+from ca2vdm.server.engine.engine import Engine
+from ca2vdm.server.engine.stats import Histogram
 
 
 def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
@@ -37,6 +38,15 @@ class EngineCollector:
         yield _histogram("ca2vdm_clip_interval_seconds", "Time between clips of a session", stats.clip_interval_seconds)
         yield _histogram("ca2vdm_batch_size", "Sessions per denoising forward", stats.batch_size)
         yield _histogram("ca2vdm_denoise_step_seconds", "One batched denoising step", stats.denoise_step_seconds)
+        yield GaugeMetricFamily("ca2vdm_sessions_paused", "Sessions paused for their consumer", value=e.num_paused)
+        yield CounterMetricFamily("ca2vdm_stalls", "Live clips out after their viewer needed them", value=stats.stalls)
+        yield CounterMetricFamily("ca2vdm_stall_seconds", "Viewers' total wait for late live clips",
+                                  value=stats.stall_seconds)  # fmt: skip
+        yield _histogram("ca2vdm_clip_lateness_seconds", "Live clip out minus due (negative: early)",
+                         stats.clip_lateness_seconds)  # fmt: skip
+        yield GaugeMetricFamily("ca2vdm_realtime_capacity_sessions",
+                                "Live sessions at the model's default steps the engine estimates it keeps in real time",
+                                value=e.realtime_capacity())  # fmt: skip
 
 
 def metrics_text(engine: Engine) -> bytes:

@@ -1,132 +1,197 @@
 """WS /v1/stream: the streaming protocol of DESIGN.md.
 
-start → ready (+ init segment for fmp4) → per clip: clip JSON then its media → done, close 1000.
-Errors: an `error` message, then close 1008 (invalid_request, unauthorized), 1013 (server_busy) or 1011
-(internal). A client that stops reading pauses its session (the engine's backpressure); a disconnect or a
-`stop` cancels it and frees its cache at once.
+start → ready (+ init segment for fmp4) → per clip: clip JSON then its media; the client acknowledges each clip
+(`ack`) → done, close 1000. Errors: an `error` message, then close 1008 (invalid_request, unauthorized,
+slow_consumer), 1013 (server_busy) or 1011 (internal).
+
+What a client can cost is bounded before anything is parsed: the handshake is refused for a foreign Origin or a
+missing key; a client address holds at most `max_sessions_per_client` streams; the start message is parsed and its
+image decoded off the event loop when large (`RequestDecoder`); after start only small control messages are accepted,
+at a bounded rate; a session produces at most `max_pending_clips` clips beyond the client's acknowledgements, and one
+whose client stops acknowledging is paused and then ended (the engine's slow-consumer rule). Every exception in a
+handler ends in a documented error, never in a silent drop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed, SessionHandle
-from ca2vdm.server.engine.session import SessionParams
 
-from .auth import key_is_valid
-from .schemas import StartMessage, build_params
+from .auth import key_is_valid, offered_subprotocol, origin_allowed
+from .requests import Reject, RequestDecoder
+from .schemas import AckMessage, ControlMessage, StopMessage, describe
 from .settings import Settings
 
 log = logging.getLogger("ca2vdm.api")
 router = APIRouter()
 
-_CLOSE = {"invalid_request": 1008, "unauthorized": 1008, "server_busy": 1013, "internal": 1011}
+CLOSE_CODES = {"invalid_request": 1008, "unauthorized": 1008, "slow_consumer": 1008, "server_busy": 1013,
+               "internal": 1011}  # fmt: skip
 
 
-class _Reject(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+class ClientLimits:
+    """Streams per client address (waiting or running)."""
 
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._count: Counter[str] = Counter()
 
-def session_params(msg: StartMessage, engine: Engine, settings: Settings) -> SessionParams:
-    try:
-        return build_params(msg.image, msg.seed, msg.sampler, msg.steps, msg.num_frames, msg.format, engine, settings)
-    except ValueError as exc:
-        raise _Reject("invalid_request", str(exc)) from exc
+    @contextmanager
+    def hold(self, client: str) -> Iterator[None]:
+        if self.limit and self._count[client] >= self.limit:
+            raise Reject("server_busy", f"this address already has {self.limit} streams open")
+        self._count[client] += 1
+        try:
+            yield
+        finally:
+            self._count[client] -= 1
+            if not self._count[client]:
+                del self._count[client]
 
 
 async def _fail(ws: WebSocket, code: str, message: str) -> None:
     try:
         await ws.send_json({"type": "error", "code": code, "message": message})
-        await ws.close(_CLOSE[code])
-    except (WebSocketDisconnect, RuntimeError):  # the client is already gone
+        await ws.close(CLOSE_CODES[code])
+    except (WebSocketDisconnect, RuntimeError, OSError):  # the client is already gone
         pass
 
 
-async def _read_start(ws: WebSocket, settings: Settings) -> StartMessage:
+async def _read_start(ws: WebSocket, settings: Settings) -> str:
     try:
         message = await asyncio.wait_for(ws.receive(), timeout=settings.start_timeout_s)
     except TimeoutError as exc:
-        raise _Reject("invalid_request", f"no start message within {settings.start_timeout_s:g} s") from exc
+        raise Reject("invalid_request", f"no start message within {settings.start_timeout_s:g} s") from exc
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     text = message.get("text")
     if text is None:
-        raise _Reject("invalid_request", "the first message must be a JSON text message")
-    if len(text) > settings.max_message_bytes:
-        raise _Reject("invalid_request", f"message larger than {settings.max_message_bytes} bytes")
-    try:
-        return StartMessage.model_validate(json.loads(text))
-    except (json.JSONDecodeError, ValidationError) as exc:
-        raise _Reject("invalid_request", f"bad start message: {exc}") from exc
+        raise Reject("invalid_request", "the first message must be a JSON text message")
+    return text
 
 
-async def _send_clips(ws: WebSocket, handle: SessionHandle) -> int:
-    frames = 0
-    async for clip in handle:
-        await ws.send_json({"type": "clip", "index": clip.index, "first_frame": clip.first_frame,
-                            "num_frames": clip.num_frames, "gen_ms": round(clip.gen_ms, 1)})  # fmt: skip
-        for media in clip.media:
-            await ws.send_bytes(media)
-        frames += clip.num_frames
-    return frames
+class _Stream:
+    """One running stream: sends clips, reads the client's control messages."""
 
+    def __init__(self, ws: WebSocket, handle: SessionHandle, settings: Settings) -> None:
+        self.ws, self.handle, self.settings = ws, handle, settings
+        self.frames_sent = 0
+        self.violation: Reject | None = None
 
-async def _watch_client(ws: WebSocket, handle: SessionHandle) -> None:
-    """Cancel the session on `stop` or disconnect; other messages are ignored."""
-    while True:
-        message = await ws.receive()
-        if message["type"] == "websocket.disconnect":
-            handle.cancel()
-            return
-        if message.get("text"):
-            try:
-                if json.loads(message["text"]).get("type") == "stop":
-                    handle.cancel()
+    async def send_clips(self) -> int:
+        async for clip in self.handle:
+            header = {"type": "clip", "index": clip.index, "first_frame": clip.first_frame,
+                      "num_frames": clip.num_frames, "gen_ms": round(clip.gen_ms, 1)}  # fmt: skip
+            if clip.ahead_ms is not None:
+                header["ahead_ms"] = round(clip.ahead_ms, 1)
+            self.frames_sent = clip.end_frame  # before the sends: an ack may arrive while one still drains
+            await self.ws.send_json(header)
+            for media in clip.media:
+                await self.ws.send_bytes(media)
+        return self.frames_sent
+
+    async def watch_client(self) -> None:
+        """`stop` and `ack` messages until the client stops or leaves; a protocol violation ends the session."""
+        s = self.settings
+        tokens, last = 2 * s.max_control_rate, time.monotonic()
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
                     return
-            except (json.JSONDecodeError, AttributeError):
-                continue
+                now = time.monotonic()
+                tokens = min(2 * s.max_control_rate, tokens + (now - last) * s.max_control_rate) - 1
+                last = now
+                if tokens < 0:
+                    raise Reject("invalid_request", f"more than {s.max_control_rate:g} messages per second")
+                data = message.get("text") if message.get("text") is not None else message.get("bytes")
+                if data is None or len(data) > s.max_control_bytes:
+                    raise Reject("invalid_request", f"messages after start are JSON of at most {s.max_control_bytes} "
+                                 "bytes")  # fmt: skip
+                try:
+                    control = ControlMessage.validate_json(data, strict=True)
+                except ValidationError as exc:
+                    raise Reject("invalid_request", f"bad message: {describe(exc)}") from exc
+                if isinstance(control, StopMessage):
+                    return
+                assert isinstance(control, AckMessage)
+                if control.frames > self.frames_sent:
+                    raise Reject("invalid_request", f"ack of frame {control.frames}, only {self.frames_sent} were sent")
+                self.handle.ack(control.frames)
+        except Reject as exc:
+            self.violation = exc
+        except Exception as exc:  # noqa: BLE001 - a broken watcher must end the session, never leave it unstoppable
+            log.exception("websocket reader failed")
+            self.violation = Reject("internal", f"reading the client failed: {type(exc).__name__}")
+        finally:
+            self.handle.cancel()
 
 
 @router.websocket("/v1/stream")
 async def stream(ws: WebSocket) -> None:
     settings: Settings = ws.app.state.settings
     engine: Engine = ws.app.state.engine
-    await ws.accept()
-    if not key_is_valid(settings, ws.headers.get("authorization"), ws.query_params.get("api_key")):
+    decoder: RequestDecoder = ws.app.state.decoder
+    if not origin_allowed(settings, ws.headers):
+        await ws.close(1008, "origin not allowed")  # before accept: the handshake gets 403
+        return
+    await ws.accept(subprotocol=offered_subprotocol(ws.headers))
+    if not key_is_valid(settings, ws.headers, ws.query_params.get("api_key"), websocket=True):
         await _fail(ws, "unauthorized", "missing or wrong API key")
         return
+    client = ws.client.host if ws.client else "unknown"
     try:
-        params = session_params(await _read_start(ws, settings), engine, settings)
-        handle = await engine.start_session(params)
-    except _Reject as exc:
+        with ws.app.state.client_limits.hold(client):
+            try:
+                params, capped = await decoder.stream_params(await _read_start(ws, settings))
+                handle = await engine.start_session(params, auto_ack=False)
+            except Reject as exc:
+                await _fail(ws, exc.code, str(exc))
+                return
+            except ServerBusy as exc:
+                await _fail(ws, "server_busy", str(exc))
+                return
+            await _serve(ws, handle, settings, capped)
+    except Reject as exc:  # the address holds too many streams
         await _fail(ws, exc.code, str(exc))
-        return
-    except ServerBusy as exc:
-        await _fail(ws, "server_busy", str(exc))
-        return
     except WebSocketDisconnect:
-        return
+        pass
+    except Exception as exc:  # noqa: BLE001 - every failure is reported as one
+        log.exception("websocket handler failed")
+        await _fail(ws, "internal", f"{type(exc).__name__}: {exc}")
+
+
+async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, capped: bool) -> None:
+    stream = _Stream(ws, handle, settings)
+    watcher = asyncio.create_task(stream.watch_client())
     info = handle.info
-    watcher = asyncio.create_task(_watch_client(ws, handle))
     try:
         await ws.send_json({"type": "ready", "session_id": info.session_id, "width": info.width, "height": info.height,
                             "fps": info.fps, "chunk_frames": info.chunk_frames, "format": info.format,
                             "mime": info.mime})  # fmt: skip
         if info.init_segment is not None:
             await ws.send_bytes(info.init_segment)
-        frames = await _send_clips(ws, handle)
-        await ws.send_json({"type": "done", "frames": frames})
+        frames = await stream.send_clips()
+        if stream.violation is not None:
+            await _fail(ws, stream.violation.code, str(stream.violation))
+            return
+        done: dict = {"type": "done", "frames": frames}
+        if capped and frames >= settings.max_frames:
+            done["reason"] = "max_frames"
+        await ws.send_json(done)
         await ws.close(1000)
     except SessionFailed as exc:
         await _fail(ws, exc.code, str(exc))
-    except (WebSocketDisconnect, RuntimeError):  # client gone mid-stream: the session is cancelled below
+    except (WebSocketDisconnect, RuntimeError, OSError):  # client gone mid-stream: the session is cancelled below
         pass
     finally:
         handle.cancel()

@@ -7,10 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from .jobs import JobRunner, JobStore
-from .schemas import VideoRequest, build_params
+from .job_runner import JobRunner
+from .jobs import JobQueueFull, JobStore
+from .requests import Reject, RequestDecoder
+from .schemas import VideoRequest
 
 router = APIRouter(prefix="/v1/videos")
+
+RETRY_AFTER_S = 10  # what a 429 or 503 tells a client to wait
 
 
 def _store(request: Request) -> JobStore:
@@ -32,22 +36,38 @@ def _job_or_404(store: JobStore, job_id: str):
     return job
 
 
-@router.post("", status_code=202)
-async def create_video(body: VideoRequest, request: Request, store: Store, runner: Runner) -> JSONResponse:
+# The body is read as bytes (the size limit is BodyLimit's) and parsed by the RequestDecoder, off the event loop
+# when large; its schema is still the OpenAPI request body.
+_BODY = {"requestBody": {"required": True,
+                         "content": {"application/json": {"schema": VideoRequest.model_json_schema()}}}}  # fmt: skip
+
+
+@router.post("", status_code=202, openapi_extra=_BODY)
+async def create_video(request: Request, store: Store, runner: Runner) -> JSONResponse:
+    decoder: RequestDecoder = request.app.state.decoder
     try:
-        params = build_params(body.image, body.seed, body.sampler, body.steps, body.num_frames, "raw",
-                              request.app.state.engine, request.app.state.settings)  # fmt: skip
-    except ValueError as exc:
-        raise HTTPException(400, str(exc)) from exc
-    job = store.create(params.num_frames or 0, params.seed, params.sampler, params.steps)
+        runner.check_room()  # before any parsing: a full queue costs nothing
+        params = await decoder.job_params(await request.body())
+        runner.check_room()
+    except JobQueueFull as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+    except Reject as exc:
+        busy = exc.code == "server_busy"
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if busy else None
+        raise HTTPException(503 if busy else exc.status, str(exc), headers=headers) from exc
+    assert params.num_frames is not None
+    job = store.create(params.num_frames, params.seed, params.sampler, params.steps, params.image)
     runner.submit(job, params.image)
     return JSONResponse(job.to_json(), status_code=202)
 
 
 @router.get("")
 def list_videos(store: Store, limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None) -> dict:
-    jobs = store.list(limit, after)
-    return {"object": "list", "data": [j.to_json() for j in jobs], "has_more": len(jobs) == limit}
+    try:
+        jobs, has_more = store.list(limit, after)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    return {"object": "list", "data": [j.to_json() for j in jobs], "has_more": has_more}
 
 
 @router.get("/{job_id}")
@@ -67,5 +87,5 @@ def get_content(job_id: str, store: Store) -> FileResponse:
 async def delete_video(job_id: str, store: Store, runner: Runner) -> dict:
     _job_or_404(store, job_id)
     runner.cancel(job_id)
-    store.delete(job_id)
+    store.delete(job_id)  # with the file, in one transaction with the job's completion: no file survives it
     return {"id": job_id, "object": "video", "deleted": True}

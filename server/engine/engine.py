@@ -5,6 +5,9 @@ clips in order (encoded on a worker pool, off the engine thread); `handle.cancel
 frees its pages at the next step boundary. Nothing here blocks the caller's event loop: events cross from
 the worker threads with `loop.call_soon_threadsafe`.
 
+Real time: each step's phases are timed (without waiting for the GPU) into a `CapacityModel` that admission and
+the scheduler read; every clip of a live session is checked against its viewer's playback clock (stalls, lateness).
+
 Faults: an exception while running a batch fails exactly that batch's sessions (with the reason) and the
 engine goes on; if the engine thread itself dies, `alive` turns False for the health checks.
 """
@@ -16,76 +19,26 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from torch import Tensor
 
 from ca2vdm.server.media import ClipEncoder, make_encoder
 from ca2vdm.server.model.loader import Pipeline
 
+from .capacity import CapacityModel
 from .config import EngineConfig
+from .handle import DONE, ServerBusy, SessionFailed, SessionHandle, StreamInfo
 from .runner import ModelRunner
 from .scheduler import Scheduler, StepPlan
 from .session import Clip, Session, SessionParams, SessionState
+from .stats import EngineStats
+
+__all__ = ["Engine", "ServerBusy", "SessionFailed", "SessionHandle", "StreamInfo"]
 
 log = logging.getLogger("ca2vdm.engine")
-
-
-class ServerBusy(RuntimeError):
-    """No room: the waiting queue is full."""
-
-
-class SessionFailed(RuntimeError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Histogram:
-    """Cumulative bucket counts (Prometheus semantics) in bounded memory."""
-
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # last: +Inf
-        self.sum = 0.0
-        self.count = 0
-        self.max = float("-inf")
-
-    def observe(self, value: float) -> None:
-        self.counts[next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))] += 1
-        self.sum += value
-        self.count += 1
-        self.max = max(self.max, value)
-
-
-_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-@dataclass
-class EngineStats:
-    """Counters and histograms for metrics; written by the engine thread, read by anyone."""
-
-    sessions_total: dict[str, int] = field(
-        default_factory=lambda: {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0}
-    )
-    frames_generated: int = 0
-    steps: int = 0
-    batch_size: Histogram = field(default_factory=lambda: Histogram((1, 2, 4, 8, 16, 32, 64)))
-    denoise_step_seconds: Histogram = field(default_factory=lambda: Histogram(_SECONDS))
-    time_to_first_clip_seconds: Histogram = field(default_factory=lambda: Histogram(_SECONDS))
-    clip_interval_seconds: Histogram = field(default_factory=lambda: Histogram(_SECONDS))
-
-
-@dataclass(frozen=True)
-class StreamInfo:
-    session_id: str
-    width: int
-    height: int
-    fps: int
-    chunk_frames: int
-    format: str
-    mime: str | None
-    init_segment: bytes | None
 
 
 @dataclass(eq=False)
@@ -99,50 +52,19 @@ class _Live:
     tail: Future[None] | None = None
 
 
-class SessionHandle:
-    """The consumer's side of a session: an async iterator of clips."""
-
-    def __init__(self, engine: Engine, session: Session, info: StreamInfo, loop: asyncio.AbstractEventLoop):
-        self._engine, self._session, self.info = engine, session, info
-        self._loop = loop
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
-
-    @property
-    def id(self) -> str:
-        return self._session.id
-
-    @property
-    def state(self) -> SessionState:
-        return self._session.state
-
-    def _deliver(self, event: object) -> None:  # any thread
-        if not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-
-    def cancel(self) -> None:
-        self._engine.cancel(self._session)
-
-    async def __aiter__(self) -> AsyncIterator[Clip]:
-        while True:
-            event = await self._queue.get()
-            if isinstance(event, Clip):
-                self._session.add_pending(-1)
-                self._engine.wake()
-                yield event
-            elif isinstance(event, SessionFailed):
-                raise event
-            else:  # done
-                return
-
-
 class Engine:
-    def __init__(self, pipe: Pipeline, config: EngineConfig | None = None) -> None:
+    def __init__(self, pipe: Pipeline, config: EngineConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.pipe = pipe
         self.config = config or EngineConfig()
-        self.scheduler = Scheduler(self.config)
+        self.fps, self.chunk_frames = pipe.config.fps, pipe.config.chunk_frames
+        self.clock = clock
+        self.capacity = CapacityModel(self.fps, self.chunk_frames, self.config.max_batch, self.config.realtime_target)
+        self.scheduler = Scheduler(self.config, self.capacity, self.fps, clock)
         self.runner = ModelRunner(pipe, self.config)
         self.stats = EngineStats()
         self.fault_hook: Callable[[str, list[Session]], None] | None = None  # tests inject failures here
+        self.on_session_end: Callable[[], None] | None = None  # called on the engine thread when a slot frees
         self._live: dict[str, _Live] = {}
         self._pool = ThreadPoolExecutor(max_workers=self.config.encode_workers, thread_name_prefix="ca2vdm-encode")
         self._cond = threading.Condition()
@@ -156,9 +78,10 @@ class Engine:
 
     def start(self, warmup: bool = True) -> Engine:
         """Start the engine thread and return once it serves. With `warmup`, the thread first captures the CUDA
-        graphs of every batch bucket and runs throwaway sessions through every phase (`ModelRunner.warm_up`).
-        It does so itself: cuBLAS and cuDNN handles are per thread, and with the warm-up on the caller's thread
-        the first session's prefill still took 85 ms instead of 16 (H200, bench/results/first_clip_h200.json)."""
+        graphs of every batch bucket, runs throwaway sessions through every phase and measures them
+        (`ModelRunner.warm_up`: the capacity model's first data). It does so itself: cuBLAS and cuDNN handles are
+        per thread, and with the warm-up on the caller's thread the first session's prefill still took 85 ms
+        instead of 16 (H200, bench/results/first_clip_h200.json)."""
         self._warmup = warmup
         self._running = True
         self._thread.start()
@@ -187,30 +110,31 @@ class Engine:
 
     # ---- API -------------------------------------------------------------------------------------------
 
-    async def start_session(self, params: SessionParams) -> SessionHandle:
-        """Queue a session; raises ServerBusy when it cannot even wait."""
+    async def start_session(self, params: SessionParams, *, auto_ack: bool = True) -> SessionHandle:
+        """Queue a session; raises ServerBusy when it cannot even wait. `auto_ack`: see `SessionHandle`."""
         if not self.alive:
             raise RuntimeError("engine is not running")
         height, width = self.pipe.frame_size
         if params.image is not None and tuple(params.image.shape) != (height, width, 3):
             raise ValueError(f"image must be {(height, width, 3)}, got {tuple(params.image.shape)}")
-        session = Session(params)
-        encoder = None if params.format == "raw" else make_encoder(params.format, width, height, self.pipe.config.fps)
+        session = Session(params, created_at=self.clock())
+        encoder = None if params.format == "raw" else make_encoder(params.format, width, height, self.fps)
         info = StreamInfo(
             session_id=session.id,
             width=width,
             height=height,
-            fps=self.pipe.config.fps,
-            chunk_frames=self.pipe.config.chunk_frames,
+            fps=self.fps,
+            chunk_frames=self.chunk_frames,
             format=params.format,
             mime=None if encoder is None else encoder.mime,
             init_segment=None if encoder is None else encoder.init_segment(),
         )
-        handle = SessionHandle(self, session, info, asyncio.get_running_loop())
+        handle = SessionHandle(self, session, info, asyncio.get_running_loop(), auto_ack=auto_ack)
         with self._cond:
             if not self.scheduler.add(session):
                 self.stats.sessions_total["rejected"] += 1
-                raise ServerBusy("server busy: too many sessions waiting")
+                kind = "live" if session.is_live else "background"
+                raise ServerBusy(f"server busy: too many {kind} sessions waiting")
             self._live[session.id] = _Live(session, handle, encoder)
             self._cond.notify_all()
         return handle
@@ -229,12 +153,20 @@ class Engine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
+    @property
+    def num_paused(self) -> int:
+        return sum(s.state is SessionState.PAUSED for s in list(self.scheduler.active))
+
+    def realtime_capacity(self, steps: int | None = None) -> int:
+        """Live sessions of `steps` denoising steps (default: the model's) that fit in real time, by measurement."""
+        return self.capacity.sessions(steps or self.pipe.config.default_steps, self.config.max_sessions)
+
     # ---- engine thread -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         try:
             if self._warmup:
-                self.runner.warm_up()
+                self._record_timings(self.runner.warm_up())
         except BaseException:
             self._error = traceback.format_exc()
             log.critical("engine warm-up failed:\n%s", self._error)
@@ -249,19 +181,36 @@ class Engine:
                     cancelled = self.scheduler.take_cancelled()
                     plan = self.scheduler.schedule()
                     if plan.is_empty and not cancelled:
-                        self._cond.wait(timeout=0.5)
+                        self._cond.wait(timeout=self._idle_timeout())
                         continue
                 for s in cancelled:
                     self._finish(s, SessionState.FAILED if s.error else SessionState.CANCELLED, s.error)
-                if not plan.is_empty:
-                    self.step(plan)
+                self.step(plan)
+                self._record_timings(self.runner.timer.take())
         except BaseException:  # the thread must not die silently: health checks read `alive`
             self._error = traceback.format_exc()
             log.critical("engine thread died:\n%s", self._error)
             raise
 
+    def _idle_timeout(self) -> float:
+        """Sleep until the earliest live session ahead of its viewer may run again (at most 0.5 s)."""
+        now, lead = self.clock(), self.config.max_lead_s
+        dues = [s.due(self.fps) for s in self.scheduler.active if s.is_live and s.has_generated]
+        wake = min((d - lead - now for d in dues if d is not None), default=0.5)  # type: ignore[operator]
+        return min(0.5, max(0.001, wake))
+
+    def _record_timings(self, samples: list[tuple[str, int, float]]) -> None:
+        for phase, batch, seconds in samples:
+            self.capacity.record(phase, batch, seconds)
+            if phase == "step":
+                self.stats.denoise_step_seconds.observe(seconds)
+
     def step(self, plan: StepPlan) -> None:
         self.stats.steps += 1
+        for s, code, message in plan.expired:
+            if code == "slow_consumer":
+                log.warning("session %s: %s", s.id, message)
+            self._finish(s, SessionState.FAILED, message, code=code)
         if plan.prefill:
             self._guarded("prefill", plan.prefill, self._prefill)
         if plan.denoise:
@@ -280,43 +229,65 @@ class Engine:
 
     def _prefill(self, sessions: list[Session]) -> None:
         frame0 = self.runner.prefill(sessions)
+        now = self.clock()
         for s, f in zip(sessions, frame0, strict=True):
-            s.state = SessionState.GENERATING
-            s.clip_started_at = time.monotonic()
+            s.state, s.clip_started_at, s.steps_left = SessionState.GENERATING, now, s.params.steps
             if f is not None:
-                self._emit(s, f, gen_ms=(s.clip_started_at - s.created_at) * 1e3)
+                self._emit(s, f, gen_ms=(now - s.created_at) * 1e3, generated=False)
 
     def _denoise(self, sessions: list[Session]) -> None:
-        start = time.perf_counter()
-        done = self.runner.denoise(sessions)
-        if done:
-            chunk = self.runner.chunk_frames
-            counts = [chunk if s.frames_left is None else min(chunk, s.frames_left) for s in done]
-            continues = [s for s, n in zip(done, counts, strict=True) if s.frames_left is None or s.frames_left > n]
-            clips = self.runner.decode_chunks(done, counts)
-            now = time.monotonic()
-            for s, frames in zip(done, clips, strict=True):  # out to the encoders before the cache write
-                gen_ms = (now - s.clip_started_at) * 1e3
-                s.clip_started_at = now
-                self._emit(s, frames, gen_ms)
-            if continues:
-                self.runner.continue_chunks(continues)
         self.stats.batch_size.observe(len(sessions))
-        self.stats.denoise_step_seconds.observe(time.perf_counter() - start)
+        done = self.runner.denoise(sessions)
+        for s in sessions:
+            s.steps_left -= 1
+        if not done:
+            return
+        chunk = self.chunk_frames
+        counts = [chunk if s.frames_left is None else min(chunk, s.frames_left) for s in done]
+        continues = [s for s, n in zip(done, counts, strict=True) if s.frames_left is None or s.frames_left > n]
+        clips = self.runner.decode_chunks(done, counts)
+        now = self.clock()
+        for s, frames in zip(done, clips, strict=True):  # out to the encoders before the cache write
+            gen_ms = (now - s.clip_started_at) * 1e3
+            s.clip_started_at = now
+            self._emit(s, frames, gen_ms, generated=True)
+        if continues:
+            self.runner.continue_chunks(continues)
+            for s in continues:
+                s.steps_left = s.params.steps
 
-    def _emit(self, s: Session, frames, gen_ms: float) -> None:
+    def _emit(self, s: Session, frames: Tensor, gen_ms: float, generated: bool) -> None:
+        now = self.clock()
         clip = Clip(index=s.clips_done, first_frame=s.frames_done, frames=frames, gen_ms=gen_ms)
         if s.clips_done == 0:
-            self.stats.time_to_first_clip_seconds.observe(time.monotonic() - s.created_at)
+            self.stats.time_to_first_clip_seconds.observe(now - s.created_at)
         else:
             self.stats.clip_interval_seconds.observe(gen_ms / 1e3)
+        if generated and s.is_live:
+            self._check_clock(s, clip, now)
         s.clips_done += 1
         s.frames_done += clip.num_frames
         self.stats.frames_generated += clip.num_frames
-        s.add_pending(1)
+        s.add_unacked(clip.end_frame)
         self._submit_encode(s, clip)
         if s.frames_left is not None and s.frames_left <= 0:
             self._finish(s, SessionState.COMPLETED)
+
+    def _check_clock(self, s: Session, clip: Clip, now: float) -> None:
+        """A live clip against its viewer's clock: the first generated clip starts the clock; a later one is due
+        when the viewer reaches its first frame, and one that is late stalls the viewer, whose clock then moves on
+        by the delay (a player rebuffers and resumes)."""
+        due = s.due(self.fps)
+        if due is None:
+            s.clock_start, s.clock_frame = now, clip.first_frame
+            return
+        late = now - due
+        clip.ahead_ms = -late * 1e3
+        self.stats.clip_lateness_seconds.observe(late)
+        if late > 0:
+            self.stats.stalls += 1
+            self.stats.stall_seconds += late
+            s.clock_start += late  # type: ignore[operator]
 
     def _submit_encode(self, s: Session, clip: Clip) -> None:
         """Encode on the worker pool, after the session's previous clip."""
@@ -329,31 +300,35 @@ class Engine:
             try:
                 if encoder is not None:
                     clip.media = encoder.encode(clip.frames, clip.first_frame)
+                    s.add_unacked_bytes(clip.end_frame, sum(map(len, clip.media)))
             except Exception as exc:  # fails this session only; the engine thread ends it at the next step
                 log.exception("encoding failed for session %s", s.id)
                 s.error = f"encoding failed: {type(exc).__name__}: {exc}"
                 self.cancel(s)
-                handle._deliver(SessionFailed("internal", s.error))
+                handle.deliver(SessionFailed("internal", s.error))
                 return
-            handle._deliver(clip)
+            handle.deliver(clip)
 
         live.tail = self._pool.submit(job)
 
-    def _finish(self, s: Session, state: SessionState, error: str | None = None) -> None:
+    def _finish(self, s: Session, state: SessionState, error: str | None = None, code: str = "internal") -> None:
         """End a session: free its pages at once, tell its consumer after its last clip."""
-        s.state, s.error = state, error
+        s.state, s.error, s.error_code = state, error, code
         self.runner.release(s)
         with self._cond:
             self.scheduler.remove(s)
-        self.stats.sessions_total[state.value] += 1
+        outcome = {"slow_consumer": "slow_consumer", "server_busy": "rejected"}.get(code, state.value)
+        self.stats.sessions_total[outcome] += 1
+        if self.on_session_end is not None:
+            self.on_session_end()
         live = self._live.pop(s.id, None)
         if live is None:
             return
-        event: object = "done" if state is not SessionState.FAILED else SessionFailed("internal", error or "failed")
+        event: object = DONE if state is not SessionState.FAILED else SessionFailed(code, error or "failed")
 
         def deliver() -> None:
             if live.tail is not None:
                 live.tail.result()
-            live.handle._deliver(event)
+            live.handle.deliver(event)
 
         self._pool.submit(deliver)

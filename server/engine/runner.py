@@ -10,6 +10,10 @@ sessions shared its batches.
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +45,38 @@ class GenerationState:
     step: int  # next denoising index, counting down; -1: the chunk is finished
 
 
+class PhaseTimer:
+    """Times runner phases without waiting for the GPU: CUDA events, read once they have completed (wall time on
+    the CPU, where every phase is synchronous). Samples are (phase, batch size, seconds): "step" (one denoising
+    forward and sampler update), "decode" (finished chunks to frames), "write" (finished chunks into the cache)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._open: deque[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._done: list[tuple[str, int, float]] = []
+
+    @contextmanager
+    def __call__(self, phase: str, batch: int) -> Iterator[None]:
+        if not self.cuda:
+            start = time.perf_counter()
+            yield
+            self._done.append((phase, batch, time.perf_counter() - start))
+            return
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        yield
+        end.record()
+        self._open.append((phase, batch, begin, end))
+
+    def take(self) -> list[tuple[str, int, float]]:
+        """The samples completed since the last call (never waits)."""
+        while self._open and self._open[0][3].query():
+            phase, batch, begin, end = self._open.popleft()
+            self._done.append((phase, batch, begin.elapsed_time(end) / 1e3))
+        done, self._done = self._done, []
+        return done
+
+
 class ModelRunner:
     def __init__(self, pipe: Pipeline, config: EngineConfig) -> None:
         self.pipe = pipe
@@ -65,6 +101,9 @@ class ModelRunner:
             self.writer = GraphedWriter(self.model, self.pool, self.pages, self.latent_shape, config.max_batch,
                                         frame_counts=(1, cfg.chunk_frames), mempool=self.graphs.mempool)  # fmt: skip
         self._warm_up_batches = sorted({1, min(2, config.max_sessions, config.max_batch)})
+        largest = min(config.max_sessions, config.max_batch)
+        self._measure_batches = sorted({1, min(2, largest), largest})
+        self.timer = PhaseTimer(pipe.device)
 
     def capture_graphs(self) -> None:
         """Capture every CUDA graph now (server warm-up), so no session pays for a capture."""
@@ -73,26 +112,39 @@ class ModelRunner:
             self.writer.capture_all()
 
     @torch.no_grad()
-    def warm_up(self) -> None:
+    def warm_up(self) -> list[tuple[str, int, float]]:
         """Server warm-up: capture every CUDA graph, then run throwaway sessions through each phase once
         (prefill with an image, a denoising step, decode, cache write) and give their pages back, so the first
         real session meets loaded kernels, chosen codec algorithms and cached buffers. Measured on an H200
         (random XL/2, bench/results/first_clip_h200.json): without it the first session after start waited
-        613 ms for its first clip (prefill 302 ms, decode 92 ms), the next ones 255-264 ms."""
+        613 ms for its first clip (prefill 302 ms, decode 92 ms), the next ones 255-264 ms.
+        Then it measures each phase, warm, at batch sizes 1, 2 and the largest batch (the real-time capacity
+        model's first data) and returns those samples."""
         self.capture_graphs()
         h, w = self.pipe.frame_size
         image = torch.zeros((h, w, 3), dtype=torch.uint8)
         # and two sessions, where the pool and batch allow: the decode then sees 2 chunks (a micro-batch of 16)
         for n in self._warm_up_batches:
-            sessions = [Session(SessionParams(image=image)) for _ in range(n)]
-            try:
-                self.prefill(sessions)
+            self._run_throwaway([Session(SessionParams(image=image)) for _ in range(n)], steps=1)
+        self._sync()
+        self.timer.take()  # the first runs include compilation and algorithm searches
+        for n in self._measure_batches:
+            self._run_throwaway([Session(SessionParams()) for _ in range(n)], steps=3)
+        self._sync()
+        return self.timer.take()
+
+    def _run_throwaway(self, sessions: list[Session], steps: int) -> None:
+        try:
+            self.prefill(sessions)
+            for _ in range(steps):
                 self.denoise(sessions)
-                self.decode_chunks(sessions, [self.chunk_frames] * n)
-                self.continue_chunks(sessions)
-            finally:
-                for s in sessions:
-                    self.release(s)
+            self.decode_chunks(sessions, [self.chunk_frames] * len(sessions))
+            self.continue_chunks(sessions)
+        finally:
+            for s in sessions:
+                self.release(s)
+
+    def _sync(self) -> None:
         if self.pipe.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -151,6 +203,10 @@ class ModelRunner:
     def denoise(self, sessions: list[Session]) -> list[Session]:
         """One denoising step for every session (one batched forward; each at its own index and cache length).
         Returns the sessions whose chunk is now finished (ready for `decode_chunks`)."""
+        with self.timer("step", len(sessions)):
+            return self._denoise(sessions)
+
+    def _denoise(self, sessions: list[Session]) -> list[Session]:
         dev = self.pipe.device
         gens = [self.states[s.id] for s in sessions]
         x = torch.cat([g.x for g in gens])
@@ -174,18 +230,21 @@ class ModelRunner:
 
     @torch.no_grad()
     def decode_chunks(self, sessions: list[Session], num_frames: list[int]) -> list[Tensor]:
-        """Each finished chunk's first `num_frames[i]` frames, (n, H, W, 3) uint8 on the CPU (one batched decode)."""
-        x = torch.cat([self.states[s.id].x for s in sessions])
-        frames = frames_to_uint8(self.pipe.codec.decode(x)).cpu()  # (B, T, H, W, 3)
-        return [frames[i, :n] for i, n in enumerate(num_frames)]
+        """Each finished chunk's first `num_frames[i]` frames, (n, H, W, 3) uint8 on the CPU (one batched decode).
+        Each clip owns its memory: a consumer that keeps one (a job, a slow reader) keeps n frames, not the batch."""
+        with self.timer("decode", len(sessions)):
+            x = torch.cat([self.states[s.id].x for s in sessions])
+            frames = frames_to_uint8(self.pipe.codec.decode(x)).cpu()  # (B, T, H, W, 3)
+        return [frames[i, :n].clone() for i, n in enumerate(num_frames)]
 
     @torch.no_grad()
     def continue_chunks(self, sessions: list[Session]) -> None:
         """Write the finished chunks of sessions that go on into their caches (one batched write) and start
         their next chunk."""
         gens = [self.states[s.id] for s in sessions]
-        clean = torch.cat([perturb_for_cache(g.x, g.sampler, self.perturb_t, g.generator) for g in gens])
-        self._write([g.pages for g in gens], clean)
+        with self.timer("write", len(sessions)):
+            clean = torch.cat([perturb_for_cache(g.x, g.sampler, self.perturb_t, g.generator) for g in gens])
+            self._write([g.pages for g in gens], clean)
         for g in gens:
             g.x, g.step = self._chunk_noise(g.generator), g.sampler.num_steps - 1
 

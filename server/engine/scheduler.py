@@ -1,21 +1,33 @@
-"""Scheduling policy: admission, the bounded waiting queue, and which sessions run each engine step.
+"""Scheduling policy: admission, the waiting queues, and which sessions run each engine step. No tensors here.
 
-No tensors here. Each engine step runs (1) one batched write of the condition frames of newly admitted
-sessions, then (2) one batched denoising step over up to `max_batch` generating sessions, each at its own
-timestep and cache length. Sessions are picked least-recently-run first, so none starves however many
-there are. A session whose consumer is more than `max_pending_clips` clips behind is PAUSED (its pages
-kept, its GPU time given to others) until the consumer catches up.
+Each engine step runs (1) one batched write of the condition frames of newly admitted sessions, then (2) one
+batched denoising step over up to `max_batch` sessions, each at its own timestep and cache length. Who is in the
+batch (live before background, earliest deadline first):
+1. live sessions that have no generated clip out yet, oldest first: time to first clip comes before everything;
+2. live sessions by the due time of their next clip; one more than `max_lead_s` ahead of its viewer waits;
+3. background sessions (pace "max": REST jobs, max-pace streams), least recently run first, in what is left of the
+   batch; in a batch with live sessions only as many as the capacity model says cost no live session its due
+   time, and none beside a live session's first clip.
+A session whose consumer is behind (more than `max_pending_clips` clips, or `max_pending_bytes`, not yet taken or
+acknowledged) is PAUSED: it keeps its pages and gives its GPU time to others until the consumer catches up.
 
-Admission: the pool holds exactly `max_sessions` full queues (a write reuses the pages of dequeued frames in
-place, so no write needs more), so a session admitted is a session whose pages exist; beyond that, up to
-`max_waiting` sessions queue and the rest are refused ("server busy").
+Admission: pages (the pool holds exactly `max_sessions` full queues, and a write reuses the pages of dequeued frames
+in place, so an admitted session's pages always exist), background slots (`max_background_sessions`, so jobs never
+take every slot), and for a live session real-time capacity: it is admitted only if every live session keeps real
+time with it (`CapacityModel.fits`), except the first, which is served as well as the engine can. Beyond that, up
+to `max_waiting` sessions per class queue. The engine ends
+(`StepPlan.expired`) a live session that found no capacity for `admission_wait_s` (server_busy, with a retry hint),
+and a session paused for `max_paused_s`, or for `evict_paused_s` while another session waits (slow_consumer).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .capacity import CapacityModel
 from .config import EngineConfig
 from .session import Session, SessionState
 
@@ -24,66 +36,144 @@ from .session import Session, SessionState
 class StepPlan:
     prefill: list[Session] = field(default_factory=list)
     denoise: list[Session] = field(default_factory=list)
+    expired: list[tuple[Session, str, str]] = field(default_factory=list)  # (session, error code, message)
 
     @property
     def is_empty(self) -> bool:
-        return not self.prefill and not self.denoise
+        return not self.prefill and not self.denoise and not self.expired
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
-        self.waiting: deque[Session] = deque()
+    def __init__(self, config: EngineConfig, capacity: CapacityModel, fps: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.config, self.capacity, self.fps, self.clock = config, capacity, fps, clock
+        self.waiting_live: deque[Session] = deque()
+        self.waiting_background: deque[Session] = deque()
         self.active: list[Session] = []  # admitted, not finished
         self.step_count = 0
         self._tick = 0
 
+    # ---- membership ----------------------------------------------------------------------------------------
+
     def add(self, session: Session) -> bool:
-        """Queue a new session; False when the waiting queue is full (the caller refuses it as busy)."""
-        if len(self.waiting) + len(self.active) >= self.config.max_waiting + self.config.max_sessions:
+        """Queue a new session; False when its class's waiting queue is full (the caller refuses it as busy)."""
+        cfg = self.config
+        queue = self.waiting_live if session.is_live else self.waiting_background
+        free = cfg.max_sessions - len(self.active)
+        if not session.is_live:
+            free = min(free, cfg.max_background_sessions - sum(not s.is_live for s in self.active))
+        if len(queue) >= cfg.max_waiting + max(0, free):
             return False
-        self.waiting.append(session)
+        queue.append(session)
         return True
 
     def take_cancelled(self) -> list[Session]:
         """Remove and return sessions whose cancellation was requested (waiting or active)."""
-        gone = [s for s in self.waiting if s.cancel_requested] + [s for s in self.active if s.cancel_requested]
-        if gone:
-            self.waiting = deque(s for s in self.waiting if not s.cancel_requested)
-            self.active = [s for s in self.active if not s.cancel_requested]
+        gone = [s for s in (*self.waiting_live, *self.waiting_background, *self.active) if s.cancel_requested]
+        for s in gone:
+            self.remove(s)
         return gone
 
     def remove(self, session: Session) -> None:
-        if session in self.active:
-            self.active.remove(session)
+        for group in (self.active, self.waiting_live, self.waiting_background):
+            if session in group:
+                group.remove(session)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting_live) + len(self.waiting_background)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.active)
+
+    def live_steps(self) -> list[int]:
+        """Denoising steps per chunk of the admitted live sessions (their real-time load)."""
+        return [s.params.steps for s in self.active if s.is_live]
+
+    # ---- one step ------------------------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
         self.step_count += 1
-        cfg = self.config
+        now = self.clock()
         plan = StepPlan()
-        while self.waiting and len(self.active) < cfg.max_sessions:
-            session = self.waiting.popleft()
-            session.state = SessionState.PREFILLING
-            self.active.append(session)
-        plan.prefill = [s for s in self.active if s.state is SessionState.PREFILLING][: cfg.max_batch]
-
-        ready = []
-        for s in self.active:
-            if s.state in (SessionState.GENERATING, SessionState.PAUSED):
-                s.state = SessionState.PAUSED if s.pending > cfg.max_pending_clips else SessionState.GENERATING
-                if s.state is SessionState.GENERATING:
-                    ready.append(s)
-        ready.sort(key=lambda s: s.last_step)
-        plan.denoise = ready[: cfg.max_batch]
+        self._update_pauses(now)
+        self._expire(now, plan)
+        self._admit(now)
+        plan.prefill = [s for s in self.active if s.state is SessionState.PREFILLING][: self.config.max_batch]
+        plan.denoise = self._batch(now)
         for s in plan.denoise:  # a strictly increasing stamp: round robin, ties broken by last run order
             self._tick += 1
             s.last_step = self._tick
         return plan
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
+    def _update_pauses(self, now: float) -> None:
+        cfg = self.config
+        for s in self.active:
+            if s.state not in (SessionState.GENERATING, SessionState.PAUSED):
+                continue
+            clips, nbytes = s.pending
+            behind = clips > cfg.max_pending_clips or nbytes > cfg.max_pending_bytes
+            if behind and s.state is SessionState.GENERATING:
+                s.state, s.paused_since = SessionState.PAUSED, now
+            elif not behind and s.state is SessionState.PAUSED:
+                s.state, s.paused_since = SessionState.GENERATING, None
 
-    @property
-    def num_active(self) -> int:
-        return len(self.active)
+    def _expire(self, now: float, plan: StepPlan) -> None:
+        cfg = self.config
+        paused = sorted((s for s in self.active if s.paused_since is not None), key=lambda s: s.paused_since)
+        others_wait = self.num_waiting
+        for s in paused:
+            for_s = now - s.paused_since  # type: ignore[operator]
+            if for_s > cfg.max_paused_s or (others_wait and for_s > cfg.evict_paused_s):
+                others_wait = max(0, others_wait - 1)
+                why = "while others waited for its slot" if for_s <= cfg.max_paused_s else ""
+                plan.expired.append((s, "slow_consumer", f"the client took no clip for {for_s:.0f} s {why}".strip()))
+        for s in self.waiting_live:
+            if now - s.created_at > cfg.admission_wait_s:
+                plan.expired.append((s, "server_busy", "no real-time capacity for another live session; retry "
+                                     "later or ask for pace 'max'"))  # fmt: skip
+        for s, _, _ in plan.expired:
+            self.remove(s)
+
+    def _can_admit_now(self, s: Session) -> bool:
+        if len(self.active) >= self.config.max_sessions:
+            return False
+        if s.is_live:  # the first live session always gets in, even where no session keeps real time
+            live = self.live_steps()
+            return not live or self.capacity.fits([*live, s.params.steps])
+        return sum(not x.is_live for x in self.active) < self.config.max_background_sessions
+
+    def _admit(self, now: float) -> None:
+        for queue in (self.waiting_live, self.waiting_background):
+            while queue and self._can_admit_now(queue[0]):
+                s = queue.popleft()
+                s.state, s.admitted_at = SessionState.PREFILLING, now
+                self.active.append(s)
+
+    def _batch(self, now: float) -> list[Session]:
+        cfg = self.config
+        ready = [s for s in self.active if s.state is SessionState.GENERATING]
+        first = sorted((s for s in ready if s.is_live and not s.has_generated), key=lambda s: s.admitted_at or 0.0)
+        due = {s: s.due(self.fps) for s in ready if s.is_live and s.has_generated}
+        live = sorted((s for s, d in due.items() if d - now <= cfg.max_lead_s),  # type: ignore[operator]
+                      key=lambda s: (due[s], s.last_step))  # fmt: skip
+        background = sorted((s for s in ready if not s.is_live), key=lambda s: s.last_step)
+        batch = (first + live)[: cfg.max_batch]
+        room = min(cfg.max_batch - len(batch), len(background))
+        if room and batch:
+            room = 0 if first else self._background_room(batch, room, now, due)
+        return batch + background[:room]
+
+    def _background_room(self, live: list[Session], room: int, now: float, due: dict) -> int:
+        """How many background rows can join this batch of live sessions with every one still out on time."""
+        margin = self.config.deadline_margin_s
+        for k in range(room, 0, -1):
+            b = len(live) + k
+            step = self.capacity.step_time(b)
+            if step is None:
+                return 0
+            chunk = self.capacity.chunk_time(b)
+            if all(now + s.steps_left * step + chunk <= due[s] - margin for s in live):
+                return k
+        return 0

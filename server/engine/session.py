@@ -4,6 +4,11 @@ Lifecycle: WAITING (queued for admission) -> PREFILLING (admitted: the condition
 -> GENERATING (denoising chunk after chunk; PAUSED while its consumer is too far behind) -> COMPLETED |
 CANCELLED | FAILED. The scheduler reads and sets `state`. No tensors here: the runner keeps each session's device
 state (pages, latents, generator) in its own record (`runner.GenerationState`), created at prefill.
+
+Pace: a "realtime" session is live, watched at the model's fps: its playback clock starts when its first generated
+clip is out, each later clip is due when the viewer reaches its first frame, and a stall (a clip out after its
+due time) moves the clock on by the delay, as the viewer's player does when it rebuffers. A "max" session (REST
+jobs, or a stream that asks for it) has no clock and runs in the background on what live sessions leave.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import enum
 import itertools
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +25,9 @@ from torch import Tensor
 
 from ca2vdm.server.media import FORMATS
 from ca2vdm.server.model.diffusion import DEFAULT_STEPS, SAMPLERS
+
+#: Request paces (the API's one list).
+PACES = ("realtime", "max")
 
 
 class SessionState(enum.Enum):
@@ -45,6 +54,7 @@ class SessionParams:
     steps: int = DEFAULT_STEPS["ddim"]
     num_frames: int | None = None  # None: until cancelled
     format: str = "raw"  # "raw" (frames only) or one of media.FORMATS
+    pace: str = "realtime"  # "realtime" (live, at the model's fps) or "max" (background, as fast as spare capacity)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -57,6 +67,8 @@ class SessionParams:
             raise ValueError("seed must be in [0, 2**63)")
         if self.format != "raw" and self.format not in FORMATS:
             raise ValueError(f"unknown format {self.format!r}; choose from {('raw', *FORMATS)}")
+        if self.pace not in PACES:
+            raise ValueError(f"unknown pace {self.pace!r}; choose from {PACES}")
         if self.image is not None and (self.image.dtype != torch.uint8 or self.image.dim() != 3):
             raise ValueError("image must be a (H, W, 3) uint8 tensor")
 
@@ -70,6 +82,11 @@ class Clip:
     frames: Tensor  # (n, H, W, 3) uint8 on the CPU
     gen_ms: float  # wall time from the previous clip (or the session's admission) to this one
     media: list[bytes] = field(default_factory=list)  # fmp4: [segment]; jpeg: one per frame; raw: []
+    ahead_ms: float | None = None  # live sessions: how long before its due time the clip was out (< 0: late)
+
+    @property
+    def end_frame(self) -> int:
+        return self.first_frame + self.num_frames
 
     @property
     def num_frames(self) -> int:
@@ -85,27 +102,68 @@ class Session:
     id: str = field(default_factory=lambda: f"s{next(_ids)}")
     state: SessionState = SessionState.WAITING
     error: str | None = None
+    error_code: str = "internal"  # the API's error code when the session fails (slow_consumer, server_busy, ...)
     created_at: float = field(default_factory=time.monotonic)
     # scheduling
-    last_step: int = -1  # stamp of its last denoising step (round-robin fairness)
+    admitted_at: float | None = None
+    last_step: int = -1  # stamp of its last denoising step (round robin among background sessions)
+    steps_left: int = 0  # denoising steps left in the chunk in flight
+    paused_since: float | None = None
     cancel_requested: bool = False
     # what it has produced
     frames_done: int = 0  # frames handed out so far
     clips_done: int = 0
     clip_started_at: float = 0.0  # when the chunk in flight began (clip gen_ms)
-    # consumer backpressure: clips produced but not yet taken by the consumer (engine thread and event loop)
-    _pending: int = 0
+    # the viewer's playback clock (realtime sessions): when the frame `clock_frame` is on screen
+    clock_start: float | None = None
+    clock_frame: int = 0
+    # the consumer: clips produced but not yet taken (acknowledged), and their encoded bytes; the engine thread
+    # and the encoders add, the consumer's thread acknowledges
+    _unacked: deque = field(default_factory=deque, repr=False)  # [end_frame, bytes] per clip, in order
+    _unacked_bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def is_live(self) -> bool:
+        return self.params.pace == "realtime"
 
     @property
     def frames_left(self) -> int | None:
         return None if self.params.num_frames is None else self.params.num_frames - self.frames_done
 
-    def add_pending(self, n: int) -> None:
+    @property
+    def has_generated(self) -> bool:
+        """Whether a clip of generated frames is out (its playback clock runs)."""
+        return self.clock_start is not None
+
+    def due(self, fps: int) -> float | None:
+        """When the viewer reaches the next frame this session will produce (None: no clock yet)."""
+        if self.clock_start is None:
+            return None
+        return self.clock_start + (self.frames_done - self.clock_frame) / fps
+
+    # ---- the consumer's acknowledgements -----------------------------------------------------------------
+
+    def add_unacked(self, end_frame: int) -> None:
         with self._lock:
-            self._pending += n
+            self._unacked.append([end_frame, 0])
+
+    def add_unacked_bytes(self, end_frame: int, nbytes: int) -> None:
+        with self._lock:
+            for entry in self._unacked:
+                if entry[0] == end_frame:
+                    entry[1] += nbytes
+                    self._unacked_bytes += nbytes
+                    return
+
+    def ack(self, frames: int) -> None:
+        """The consumer has every frame before `frames`."""
+        with self._lock:
+            while self._unacked and self._unacked[0][0] <= frames:
+                self._unacked_bytes -= self._unacked.popleft()[1]
 
     @property
-    def pending(self) -> int:
+    def pending(self) -> tuple[int, int]:
+        """(clips, bytes) produced and not yet acknowledged."""
         with self._lock:
-            return self._pending
+            return len(self._unacked), self._unacked_bytes

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from .clip import ClipEncoder
 from .fmp4 import Fmp4Encoder
-from .image import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, load_image
+from .image import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, IMAGE_FORMATS, load_image
 from .jpeg import JpegEncoder
-from .video import encoded_size, read_video, write_mp4
+from .video import Mp4Writer, encoded_size, read_video, write_mp4
 
 #: Stream output formats, each with its encoder (the one list the API schemas and the engine use).
 FORMATS = ("fmp4", "jpeg")
@@ -23,12 +23,14 @@ def make_encoder(fmt: str, width: int, height: int, fps: int) -> ClipEncoder:
 
 
 __all__ = [
+    "DEFAULT_MAX_ASPECT",
     "DEFAULT_MAX_PIXELS",
     "FORMATS",
     "IMAGE_FORMATS",
     "ClipEncoder",
     "Fmp4Encoder",
     "JpegEncoder",
+    "Mp4Writer",
     "encoded_size",
     "load_image",
     "make_encoder",

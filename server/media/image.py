@@ -1,4 +1,11 @@
-"""Condition images in: PNG/JPEG/WebP/BMP bytes or files to uint8 RGB (H, W, 3), resized and centre-cropped."""
+"""Condition images in: PNG/JPEG/WebP/BMP bytes or files to uint8 RGB (H, W, 3), resized and centre-cropped.
+
+Images come from clients, so nothing is decoded before its header passes the limits (pixel count, aspect ratio, a
+mode allow-list: no 32-bit integer or float pixels), and decoding keeps its memory near the decoded size: JPEGs decode
+at the smallest scale that still covers the target (`draft`), large images shrink by an integer box filter before any
+conversion (`reduce`), and 16-bit grey converts with integer arithmetic. A 4096x4096 16-bit PNG peaks at about
+3 bytes per pixel above its decoded size.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +20,18 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 #: Largest image (width * height, from the header) ``load_image`` accepts: guards memory against huge uploads.
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = 4096 * 4096
+#: Most elongated image accepted (long side / short side): a 1 x 39,000,000 PNG is 101 KB and a decompression bomb.
+DEFAULT_MAX_ASPECT = 16.0
 
 #: Pillow formats ``load_image`` opens. A fixed allow-list: user bytes never reach exotic decoders (EPS would
 #: run Ghostscript, for instance).
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 
-_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # "I": how older Pillows open 16-bit grey PNGs
+#: Pixel modes accepted (from the header): 1-16 bits per channel; 32-bit integer and float images are refused.
+_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", *_SIXTEEN_BIT_MODES)
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I")  # modes whose pixels average meaningfully
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -27,8 +39,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode in _SIXTEEN_BIT_MODES:
-        arr = np.asarray(im, dtype=np.float64)  # (H, W), 0..65535
-        grey = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        arr = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)  # (H, W), 0..65535
+        grey = ((2 * arr + 257) // 514).astype(np.uint8)  # round(x / 257) in integers: no float64 copy
+        del arr
         return Image.fromarray(grey).convert("RGB")
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
     if has_alpha:
@@ -58,10 +71,32 @@ def _resize_center_crop(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     )
 
 
+def _check_header(im: Image.Image, label: str, max_pixels: int, max_aspect: float) -> None:
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ValueError(f"image {label} is {width}x{height} = {width * height} pixels, above the limit of "
+                         f"{max_pixels}")  # fmt: skip
+    if max(width, height) > max_aspect * max(1, min(width, height)):
+        raise ValueError(f"image {label} is {width}x{height}, more elongated than {max_aspect:g}:1")
+    if im.mode not in _MODES:
+        raise ValueError(f"image {label} has pixel mode {im.mode!r}: more than 16 bits per channel is not accepted")
+
+
+def _shrink(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Box-reduce a decoded image that is at least 4x the target's long side on both sides down to about 2x (no
+    conversion copies at full size; either way round, as EXIF may rotate it); the final bicubic resize keeps its
+    quality from there."""
+    factor = min(im.width, im.height) // (2 * max(size))
+    if factor < 2 or im.mode not in _REDUCIBLE:
+        return im
+    return im.reduce(factor)
+
+
 def load_image(
     path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
     size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
 ) -> Tensor:
     """Decode a PNG/JPEG (also WebP/BMP) to uint8 RGB (H, W, 3); with ``size=(H, W)``, resize + centre-crop.
 
@@ -69,7 +104,8 @@ def load_image(
     EXIF orientation is applied, animated images give their first frame, alpha is composited onto white.
 
     Raises FileNotFoundError for a missing path, ValueError for undecodable data or an image whose header
-    declares more than ``max_pixels`` pixels (checked before the pixel data is decoded).
+    declares more than ``max_pixels`` pixels, a long side more than ``max_aspect`` times its short side, or a pixel
+    mode beyond 16 bits per channel (all checked before the pixel data is decoded).
     """
     if size is not None:
         if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
@@ -92,12 +128,13 @@ def load_image(
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(source, formats=IMAGE_FORMATS) as im:
-                width, height = im.size  # from the header: nothing decoded yet
-                if width * height > max_pixels:
-                    raise ValueError(
-                        f"image {label} is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
-                    )
+                _check_header(im, label, max_pixels, max_aspect)  # nothing decoded yet
+                if size is not None and im.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale where that covers
+                    side = int(max(size))  # either way round: EXIF may rotate it
+                    im.draft("RGB", (side, side))
                 im.load()
+                if size is not None:
+                    im = _shrink(im, (int(size[0]), int(size[1])))
                 im = ImageOps.exif_transpose(im)
                 rgb = _to_rgb(im)
                 if size is not None:

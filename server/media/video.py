@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -49,58 +50,117 @@ def yuv420_frame(rgb: np.ndarray) -> av.VideoFrame:
     )
 
 
-def write_mp4(path: str | os.PathLike[str], frames: Tensor, fps: int, crf: int = 18) -> None:
-    """Write uint8 RGB frames (T, H, W, 3) as an H.264 (libx264, yuv420p) MP4, atomically.
+class Mp4Writer:
+    """An H.264 (libx264, yuv420p) MP4 written clip by clip, in constant memory, and published atomically.
 
-    4:2:0 chroma needs even sizes (H.264 cannot crop a single pixel in 4:2:0 either), so an odd H or W is
-    padded by one row/column that repeats the edge pixels; ``read_video`` then returns the padded size, see
-    ``encoded_size``. libx264 accepts frames as small as 2x2, so no other padding is done.
-
-    Every frame is encoded with pts = index (time base 1/fps) and the encoder is flushed, so the file holds
-    exactly T frames. The MP4 has ``faststart`` (moov first) so browsers can play it while downloading.
-    Output goes to a temporary file in the target directory, renamed over ``path`` only once complete: a crash
-    never leaves a half-written file under the final name.
+    Frames go to a temporary file beside `path` as they come (`append`); `close()` finishes the encoder and the
+    file and returns the temporary path, which the caller renames over `path` (`publish`) or deletes; `abort()`
+    deletes it. A crash never leaves a half-written file under the final name. Same settings as `write_mp4`, whose
+    output it equals frame for frame: pts = frame index (time base 1/fps), the encoder flushed, `faststart`.
+    4:2:0 chroma needs even sizes, so an odd H or W is padded by one edge row/column (see `encoded_size`).
+    Thread-safe: `abort` from one thread waits for an `append` running in another.
     """
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
-    if frames.dtype != torch.uint8:
-        raise ValueError(f"frames must be uint8, got {frames.dtype}")
-    t, h, w, _ = frames.shape
-    if t < 1 or h < 1 or w < 1:
-        raise ValueError(f"need at least one non-empty frame, got shape {tuple(frames.shape)}")
-    if int(fps) != fps or fps < 1:
-        raise ValueError(f"fps must be a positive integer, got {fps!r}")
-    if not 0 <= crf <= 51:
-        raise ValueError(f"crf must be in [0, 51], got {crf}")
 
-    video = frames.detach().cpu().numpy()  # (T, H, W, 3)
-    ph, pw = encoded_size(h, w)
-    if (ph, pw) != (h, w):
-        video = np.pad(video, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")  # (T, ph, pw, 3)
-    video = np.ascontiguousarray(video)
+    def __init__(self, path: str | os.PathLike[str], fps: int, crf: int = 18) -> None:
+        if int(fps) != fps or fps < 1:
+            raise ValueError(f"fps must be a positive integer, got {fps!r}")
+        if not 0 <= crf <= 51:
+            raise ValueError(f"crf must be in [0, 51], got {crf}")
+        self.path = Path(path)
+        self.fps, self.crf = int(fps), int(crf)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.num_frames = 0
+        self._size: tuple[int, int] | None = None  # (H, W) of the stream, fixed by the first clip
+        self._container: av.container.OutputContainer | None = None
+        self._stream = None
+        self._lock = threading.Lock()
 
-    target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    def append(self, frames: Tensor) -> None:
+        """Encode uint8 RGB frames (T, H, W, 3); every call must have the first call's H and W."""
+        with self._lock:
+            self._append(frames)
+
+    def _append(self, frames: Tensor) -> None:
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be (T, H, W, 3), got shape {tuple(frames.shape)}")
+        if frames.dtype != torch.uint8:
+            raise ValueError(f"frames must be uint8, got {frames.dtype}")
+        t, h, w, _ = frames.shape
+        if t < 1 or h < 1 or w < 1:
+            raise ValueError(f"need at least one non-empty frame, got shape {tuple(frames.shape)}")
+        if self._size is None:
+            self._open(h, w)
+        elif (h, w) != self._size:
+            raise ValueError(f"frames are {h}x{w}, the video is {self._size[0]}x{self._size[1]}")
+        video = frames.detach().cpu().numpy()  # (T, H, W, 3)
+        ph, pw = encoded_size(h, w)
+        if (ph, pw) != (h, w):
+            video = np.pad(video, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")  # (T, ph, pw, 3)
+        video = np.ascontiguousarray(video)
+        assert self._container is not None and self._stream is not None
+        for i in range(t):
+            frame = yuv420_frame(video[i])
+            frame.pts = self.num_frames
+            self._container.mux(self._stream.encode(frame))
+            self.num_frames += 1
+
+    def _open(self, h: int, w: int) -> None:
+        self._size = (h, w)
+        ph, pw = encoded_size(h, w)
+        self._container = av.open(str(self.tmp), mode="w", format="mp4", options={"movflags": "+faststart"})
+        stream = self._container.add_stream("libx264", rate=Fraction(self.fps, 1))
+        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
+        stream.time_base = Fraction(1, self.fps)
+        stream.options = {"crf": str(self.crf), "preset": "medium"}
+        tag_bt709(stream.codec_context)
+        self._stream = stream
+
+    def close(self) -> Path:
+        """Finish the file (flushes the encoder's delayed frames); returns the temporary path to publish."""
+        with self._lock:
+            return self._close()
+
+    def _close(self) -> Path:
+        if self._container is None:
+            raise ValueError("no frames were written")
+        self._container.mux(self._stream.encode(None))  # type: ignore[union-attr]
+        self._container.close()
+        self._container = None
+        os.chmod(self.tmp, 0o644)  # mkstemp creates 0600; the result is an ordinary, shareable file
+        return self.tmp
+
+    def publish(self) -> None:
+        """close() and rename over the final path."""
+        os.replace(self.close(), self.path)
+
+    def abort(self) -> None:
+        with self._lock:
+            self._abort()
+
+    def _abort(self) -> None:
+        if self._container is not None:
+            try:
+                self._container.close()
+            except (av.FFmpegError, OSError):
+                pass
+            self._container = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_mp4(path: str | os.PathLike[str], frames: Tensor, fps: int, crf: int = 18) -> None:
+    """Write uint8 RGB frames (T, H, W, 3) as an H.264 (libx264, yuv420p) MP4, atomically (see `Mp4Writer`).
+
+    libx264 accepts frames as small as 2x2, so no padding beyond even sizes is done; `read_video` returns the
+    padded size. The MP4 has ``faststart`` (moov first) so browsers can play it while downloading.
+    """
+    writer = Mp4Writer(path, fps, crf)
     try:
-        with av.open(tmp_name, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-            stream = container.add_stream("libx264", rate=Fraction(int(fps), 1))
-            stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
-            stream.time_base = Fraction(1, int(fps))
-            stream.options = {"crf": str(int(crf)), "preset": "medium"}
-            tag_bt709(stream.codec_context)
-            for i in range(t):
-                frame = yuv420_frame(video[i])
-                frame.pts = i
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))  # flush: delayed (B-)frames
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the result is an ordinary, shareable file
-        os.replace(tmp_name, target)
+        writer.append(frames)
+        writer.publish()
     except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
+        writer.abort()
         raise
 
 

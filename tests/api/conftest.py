@@ -13,6 +13,7 @@ import pytest
 import uvicorn
 
 from ca2vdm.server.api.app import create_app
+from ca2vdm.server.api.serving import uvicorn_config
 from ca2vdm.server.api.settings import Settings
 
 APPS: dict = {}  # address -> FastAPI app of the servers running in this process (tests reach the engine)
@@ -26,9 +27,7 @@ def running_server(pipe, **overrides) -> Iterator[str]:
     overrides.setdefault("data_dir", tempfile.mkdtemp(prefix="ca2vdm-test-"))
     settings = Settings(port=port, **overrides)
     app = create_app(settings, pipeline=pipe)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port,
-                            ws_max_size=settings.max_message_bytes, log_level="warning")  # fmt: skip
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

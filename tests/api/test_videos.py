@@ -78,23 +78,36 @@ def test_bad_requests(server):
     assert httpx.post(url, content=b"not json", headers={"content-type": "application/json"}).status_code == 422
 
 
-def test_jobs_survive_restart_and_dead_jobs_are_failed(tiny_pipe, tmp_path):
+def test_jobs_survive_restart_interrupted_ones_run_again(tiny_pipe, tmp_path):
     with running_server(tiny_pipe, data_dir=str(tmp_path)) as address:
-        job = httpx.post(f"http://{address}/v1/videos", json={"num_frames": 9, "steps": 2}).json()
+        job = httpx.post(f"http://{address}/v1/videos", json={"num_frames": 9, "steps": 2, "seed": 5}).json()
         wait_for(address, job["id"])
         original = httpx.get(f"http://{address}/v1/videos/{job['id']}/content").content
-    # a job "running" when the process died, and its half-written file
+    # as a process that died would leave them: a job running (its half-written file beside it), one that had been
+    # interrupted twice already, one whose input image is gone, and a file of a job that no longer exists
     db = sqlite3.connect(tmp_path / "jobs.sqlite3")
-    db.execute("INSERT INTO jobs VALUES ('video_dead', 'in_progress', 40, 9, 1, 'ddim', 2, 1.0, NULL, NULL)")
+    columns = (
+        "id, status, progress, num_frames, seed, sampler, steps, created_at, completed_at, error, attempts, has_image"
+    )
+    for values in [("video_rerun", "in_progress", 40, 9, 5, "ddim", 2, 1.0, None, None, 0, 0),
+                   ("video_thrice", "in_progress", 40, 9, 1, "ddim", 2, 2.0, None, None, 2, 0),
+                   ("video_noinput", "queued", 0, 9, 1, "ddim", 2, 3.0, None, None, 0, 1)]:  # fmt: skip
+        db.execute(f"INSERT INTO jobs ({columns}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", values)
     db.commit()
     db.close()
-    (tmp_path / "videos" / "video_dead.mp4.tmp123").write_bytes(b"half")
+    (tmp_path / "videos" / ".video_rerun.mp4.123.tmp").write_bytes(b"half")
+    (tmp_path / "videos" / "video_gone.mp4").write_bytes(b"orphan")
     with running_server(tiny_pipe, data_dir=str(tmp_path)) as address:
         assert httpx.get(f"http://{address}/v1/videos/{job['id']}/content").content == original
-        dead = httpx.get(f"http://{address}/v1/videos/video_dead").json()
-        assert dead["status"] == "failed" and "restarted" in dead["error"]
-        assert httpx.get(f"http://{address}/v1/videos/video_dead/content").status_code == 409
-    assert not list((tmp_path / "videos").glob("*.tmp*"))
+        rerun = wait_for(address, "video_rerun")  # from the start: the same seed gives the same video
+        assert rerun["status"] == "completed"
+        assert httpx.get(f"http://{address}/v1/videos/video_rerun/content").content == original
+        thrice = httpx.get(f"http://{address}/v1/videos/video_thrice").json()
+        assert thrice["status"] == "failed" and "3 times" in thrice["error"]
+        noinput = httpx.get(f"http://{address}/v1/videos/video_noinput").json()
+        assert noinput["status"] == "failed" and "input image was lost" in noinput["error"]
+        assert httpx.get(f"http://{address}/v1/videos/video_thrice/content").status_code == 409
+    assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == sorted([f"{job['id']}.mp4", "video_rerun.mp4"])
 
 
 def test_rest_requires_the_key(tiny_pipe):

@@ -119,6 +119,11 @@ def test_readme_tables_in_step():
     readme = (ROOT / "README.md").read_text()
     for name in Settings.model_fields:
         assert f"`CA2VDM_{name.upper()}`" in readme, f"README configuration table lacks {name}"
+    defaults = Settings(_env_file=None)
+    for name, default in re.findall(r"^\| ([a-z_]+) \| `CA2VDM_[A-Z_]+` \| [^|]+ \| `([^`]*)` \|", readme, re.M):
+        value = getattr(defaults, name)
+        same = str(value).lower() == default.lower() or (isinstance(value, float) and value == float(default))
+        assert same, f"README says {name} defaults to {default}, the server to {value}"
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")

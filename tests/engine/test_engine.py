@@ -4,6 +4,7 @@ admission, cancellation, backpressure, faults."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -28,6 +29,12 @@ def pipe():
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def fast(**kwargs) -> EngineConfig:
+    """A config for tests that are not about pacing: live sessions may run as far ahead of their viewers as they
+    like (the tiny model is far faster than real time)."""
+    return EngineConfig(max_lead_s=3600.0, **kwargs)
 
 
 async def collect(handle):
@@ -72,7 +79,7 @@ def test_session_equals_offline_generation(pipe):
         clips = await collect(await engine.start_session(params))
         return torch.cat([c.frames for c in clips]), clips
 
-    frames, clips = run(with_engine(pipe, EngineConfig(), main))
+    frames, clips = run(with_engine(pipe, fast(), main))
     offline = generate_video(pipe, pipe.sampler("iddpm", 5), image=image(3), num_frames=19, seed=11)
     assert [c.num_frames for c in clips] == [1, 8, 8, 2]
     assert [c.first_frame for c in clips] == [0, 1, 9, 17]
@@ -98,7 +105,7 @@ def test_many_sessions_batched_fairly(pipe):
         results = await asyncio.gather(*(collect(h) for h in handles))
         return results, engine.stats, engine.runner.num_free_pages, engine.runner.num_pages
 
-    results, stats, free, total = run(with_engine(pipe, EngineConfig(max_sessions=6, max_batch=3), main))
+    results, stats, free, total = run(with_engine(pipe, fast(max_sessions=6, max_batch=3), main))
     assert free == total
     assert stats.batch_size.max == 3 and stats.sessions_total["completed"] == 8
     for i, clips in enumerate(results):
@@ -124,7 +131,7 @@ def test_admission_waits_then_refuses(pipe):
         b.cancel()
         return clip, engine.stats.sessions_total
 
-    clip, totals = run(with_engine(pipe, EngineConfig(max_sessions=1, max_batch=1, max_waiting=1), main))
+    clip, totals = run(with_engine(pipe, fast(max_sessions=1, max_batch=1, max_waiting=1), main))
     assert clip.num_frames == 8 and totals["rejected"] == 1
 
 
@@ -142,7 +149,7 @@ def test_cancel_frees_pages_at_once(pipe):
             await asyncio.sleep(0.01)
         return held, engine.runner.num_free_pages, engine.runner.num_pages, engine.stats.sessions_total
 
-    held, free, total, totals = run(with_engine(pipe, EngineConfig(max_sessions=4), main))
+    held, free, total, totals = run(with_engine(pipe, fast(max_sessions=4), main))
     assert held > 0 and free == total and totals["cancelled"] == 3
 
 
@@ -160,7 +167,7 @@ def test_slow_consumer_pauses_only_itself(pipe):
                 slow.cancel()
         return fast_clips, paused_state, produced, slow_clips
 
-    fast_clips, paused_state, produced, slow_clips = run(with_engine(pipe, EngineConfig(), main))
+    fast_clips, paused_state, produced, slow_clips = run(with_engine(pipe, fast(max_pending_clips=2), main))
     assert sum(c.num_frames for c in fast_clips) == 80
     assert paused_state is SessionState.PAUSED
     assert produced == 80 + 3 * 8  # the slow session stopped after 3 undelivered clips (max_pending_clips 2)
@@ -185,7 +192,7 @@ def test_fault_fails_only_that_batch(pipe):
         clips = await collect(good)
         return calls["n"], clips, engine.alive, engine.stats.sessions_total, engine.runner.num_free_pages
 
-    n, clips, alive, totals, free = run(with_engine(pipe, EngineConfig(max_batch=1), main))
+    n, clips, alive, totals, free = run(with_engine(pipe, fast(max_batch=1), main))
     assert n == 1 and alive and sum(c.num_frames for c in clips) == 9
     assert totals["failed"] == 1 and totals["completed"] == 1
 
@@ -199,7 +206,7 @@ def test_fmp4_stream_decodes(pipe, tmp_path):
         clips = await collect(handle)
         return handle.info, clips
 
-    info, clips = run(with_engine(pipe, EngineConfig(), main))
+    info, clips = run(with_engine(pipe, fast(), main))
     assert info.mime.startswith("video/mp4") and info.init_segment
     path = tmp_path / "stream.mp4"
     path.write_bytes(info.init_segment + b"".join(c.media[0] for c in clips))
@@ -207,15 +214,24 @@ def test_fmp4_stream_decodes(pipe, tmp_path):
 
 
 @pytest.mark.parametrize("max_sessions", [1, 3])
-def test_warm_up_runs_every_phase_and_gives_all_pages_back(pipe, max_sessions):
+def test_warm_up_runs_every_phase_measures_it_and_gives_all_pages_back(pipe, max_sessions):
     runner = ModelRunner(pipe, EngineConfig(max_sessions=max_sessions, max_batch=max_sessions))
     calls = []
     for name in ("prefill", "denoise", "decode_chunks", "continue_chunks"):
         fn = getattr(runner, name)
         setattr(runner, name, lambda *a, _fn=fn, _name=name, **k: calls.append((_name, len(a[0]))) or _fn(*a, **k))
-    runner.warm_up()
-    batches = [1] if max_sessions == 1 else [1, 2]  # two sessions only where the pool holds two
-    assert calls == [(name, n) for n in batches for name in ("prefill", "denoise", "decode_chunks", "continue_chunks")]
+    samples = runner.warm_up()
+
+    def phases(n, steps):
+        return [("prefill", n)] + [("denoise", n)] * steps + [("decode_chunks", n), ("continue_chunks", n)]
+
+    warm = [1] if max_sessions == 1 else [1, 2]  # two sessions only where the pool holds two
+    measured = [1] if max_sessions == 1 else [1, 2, 3]  # and the largest batch, warm, timed
+    assert calls == [c for n in warm for c in phases(n, 1)] + [c for n in measured for c in phases(n, 3)]
+    assert sorted({(phase, n) for phase, n, _ in samples}) == sorted(
+        (phase, n) for phase in ("decode", "step", "write") for n in measured
+    )
+    assert all(seconds > 0 for _, _, seconds in samples)
     assert runner.num_free_pages == runner.num_pages
     assert runner.pages.prefix.num_free == runner.pages.prefix.num_pages
 
@@ -230,3 +246,93 @@ def test_a_failed_warm_up_fails_start(pipe):
     with pytest.raises(RuntimeError, match="warm-up failed"):
         engine.start()
     assert not engine.alive
+
+
+# ---- real time: pacing, stalls, admission, background work, acknowledgements ---------------------------------
+
+
+def test_a_live_session_runs_at_most_max_lead_ahead_of_its_viewer(pipe):
+    """25 frames: the image, then 3 clips of 8 due 0, 1 and 2 s after the first generated clip. With a 0.25 s lead
+    the last clip cannot start before 1.75 s; at pace "max" the whole stream takes a fraction of that."""
+
+    async def main(engine):
+        times = {}
+        for pace in ("realtime", "max"):
+            handle = await engine.start_session(SessionParams(image=image(1), seed=1, steps=2, num_frames=25,
+                                                              pace=pace))  # fmt: skip
+            clips = []
+            async for clip in handle:
+                clips.append((time.monotonic(), clip))
+            times[pace] = clips
+        return times, engine.stats.stalls
+
+    times, stalls = run(with_engine(pipe, EngineConfig(max_lead_s=0.25), main))
+    live, background = times["realtime"], times["max"]
+    assert live[-1][0] - live[1][0] >= 1.7 and background[-1][0] - background[1][0] < 1.0
+    assert [c.ahead_ms is None for _, c in live] == [True, True, False, False]  # no clock before the first clip
+    assert all(c.ahead_ms > -100 for _, c in live[2:]) and stalls == 0
+    assert all(c.ahead_ms is None for _, c in background)
+
+
+def test_a_late_clip_is_a_stall_and_moves_the_viewers_clock(pipe):
+    async def main(engine):
+        calls = {"n": 0}
+
+        def slow_step(stage, sessions):
+            if stage == "denoise":
+                calls["n"] += 1
+                if calls["n"] == 4:  # in the second generated chunk: it comes out ~1.2 s late
+                    time.sleep(2.2)
+
+        engine.fault_hook = slow_step
+        handle = await engine.start_session(SessionParams(seed=2, steps=2, num_frames=32))
+        clips = await collect(handle)
+        return clips, engine.stats
+
+    clips, stats = run(with_engine(pipe, EngineConfig(max_lead_s=0.5), main))
+    assert stats.stalls == 1 and 0.9 < stats.stall_seconds < 2.2
+    assert clips[1].ahead_ms < -900 and all(c.ahead_ms > -100 for c in clips[2:])  # the clock moved on
+    assert stats.clip_lateness_seconds.count == 3
+
+
+def test_without_acknowledgements_a_remote_consumer_pauses_its_session(pipe):
+    async def main(engine):
+        handle = await engine.start_session(SessionParams(seed=3, steps=2), auto_ack=False)
+        it = handle.__aiter__()
+        got = [await it.__anext__() for _ in range(3)]  # max_pending_clips 2: the third is the last made
+        await asyncio.sleep(0.5)
+        paused, made = handle.state, engine.stats.frames_generated
+        handle.ack(got[-1].end_frame)
+        more = await asyncio.wait_for(it.__anext__(), 10)
+        handle.cancel()
+        return paused, made, more
+
+    paused, made, more = run(with_engine(pipe, fast(max_pending_clips=2), main))
+    assert paused is SessionState.PAUSED and made == 24 and more.first_frame == 24
+
+
+def test_live_sessions_beyond_real_time_capacity_wait_then_get_server_busy(pipe):
+    async def main(engine):
+        first = await engine.start_session(SessionParams(seed=4, steps=2))
+        await first.__aiter__().__anext__()
+        second = await engine.start_session(SessionParams(seed=5, steps=2))
+        with pytest.raises(SessionFailed) as err:
+            await collect(second)
+        first.cancel()
+        return err.value, engine.stats.sessions_total, engine.realtime_capacity(2)
+
+    # a target no session can meet: the first live session is served anyway, a second is refused
+    config = fast(realtime_target=1e-6, admission_wait_s=0.3)
+    err, totals, capacity = run(with_engine(pipe, config, main))
+    assert err.code == "server_busy" and "retry" in str(err) and totals["rejected"] == 1 and capacity == 0
+
+
+def test_background_sessions_complete_beside_live_ones_without_stalls(pipe):
+    async def main(engine):
+        live = await engine.start_session(SessionParams(seed=6, steps=2, num_frames=33))
+        job = await engine.start_session(SessionParams(seed=7, steps=2, num_frames=41, pace="max"))
+        return await asyncio.gather(collect(live), collect(job)), engine.stats
+
+    (live, job), stats = run(with_engine(pipe, EngineConfig(max_lead_s=1.0), main))
+    assert sum(c.num_frames for c in live) == 33 and sum(c.num_frames for c in job) == 41
+    assert stats.stalls == 0 and stats.sessions_total["completed"] == 2

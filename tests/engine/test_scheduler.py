@@ -1,18 +1,56 @@
-"""Scheduler policy without tensors: admission limits, round-robin fairness, pausing slow consumers."""
+"""Scheduler policy without tensors, on a fake clock: admission (pages, background slots, real-time capacity),
+earliest deadline first with first clips ahead, lead limiting, background work only in spare time, pausing slow
+consumers, and ending sessions that wait or stall too long."""
 
 from __future__ import annotations
 
+import pytest
+
+from ca2vdm.server.engine.capacity import CapacityModel
 from ca2vdm.server.engine.config import EngineConfig
 from ca2vdm.server.engine.scheduler import Scheduler
 from ca2vdm.server.engine.session import Session, SessionParams, SessionState
 
-
-def sessions(n):
-    return [Session(SessionParams(seed=i)) for i in range(n)]
+FPS, CHUNK = 8, 8
 
 
-def test_admission_and_refusal():
-    sched = Scheduler(EngineConfig(max_sessions=2, max_batch=2, max_waiting=1))
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(config: EngineConfig, step_times: dict[int, float] | None = None) -> tuple[Scheduler, Clock]:
+    capacity = CapacityModel(FPS, CHUNK, config.max_batch, config.realtime_target)
+    for b, t in (step_times or {}).items():
+        capacity.record("step", b, t)
+    clock = Clock()
+    return Scheduler(config, capacity, FPS, clock), clock
+
+
+def sessions(n: int, pace: str = "realtime", steps: int = 25) -> list[Session]:
+    return [Session(SessionParams(seed=i, pace=pace, steps=steps), created_at=1000.0) for i in range(n)]
+
+
+def start(sched: Scheduler, ss: list[Session]) -> None:
+    """Admit and prefill: the sessions are generating, none has a clip out."""
+    for s in ss:
+        assert sched.add(s)
+    sched.schedule()
+    for s in ss:
+        assert s.state is SessionState.PREFILLING
+        s.state, s.steps_left = SessionState.GENERATING, s.params.steps
+
+
+def playing(s: Session, clock_start: float, frames_done: int) -> None:
+    """The session's viewer clock started at `clock_start` with frame 1; `frames_done` frames are out."""
+    s.clock_start, s.clock_frame, s.frames_done = clock_start, 1, frames_done
+
+
+def test_admission_and_refusal_by_pages():
+    sched, _ = make(EngineConfig(max_sessions=2, max_batch=2, max_waiting=1))
     ss = sessions(4)
     assert [sched.add(s) for s in ss] == [True, True, True, False]
     plan = sched.schedule()
@@ -20,14 +58,89 @@ def test_admission_and_refusal():
     assert all(s.state is SessionState.PREFILLING for s in ss[:2]) and ss[2].state is SessionState.WAITING
 
 
-def test_round_robin_no_starvation():
-    sched = Scheduler(EngineConfig(max_sessions=10, max_batch=3))
-    ss = sessions(10)
+def test_background_sessions_take_only_their_slots():
+    sched, _ = make(EngineConfig(max_sessions=4, max_batch=4, max_background_sessions=2, max_waiting=8))
+    jobs, live = sessions(3, pace="max"), sessions(2)
+    for s in jobs + live:
+        assert sched.add(s)
+    plan = sched.schedule()
+    assert set(plan.prefill) == {jobs[0], jobs[1], *live}  # the third job waits: live sessions keep their slots
+    assert jobs[2].state is SessionState.WAITING
+
+
+def test_live_admission_stops_at_real_time_capacity():
+    # 25 steps at 8 fps with 8-frame chunks: 25 rows per second per session; 10 ms a row at any batch size
+    # (100 rows/s) keeps 3 sessions in real time at a 0.9 target, not 4
+    sched, clock = make(EngineConfig(max_sessions=8, max_batch=8, realtime_target=0.9, admission_wait_s=5),
+                        {1: 0.01, 8: 0.08})  # fmt: skip
+    ss = sessions(4)
     for s in ss:
-        sched.add(s)
+        assert sched.add(s)
     sched.schedule()
-    for s in ss:
-        s.state = SessionState.GENERATING
+    assert [s.state for s in ss] == [SessionState.PREFILLING] * 3 + [SessionState.WAITING]
+    assert sched.capacity.sessions(25, 8) == 3
+    lone, _ = make(EngineConfig(max_sessions=8, max_batch=8), {1: 1.0})  # no session keeps real time: one gets in
+    (x, y) = sessions(2)
+    lone.add(x)
+    lone.add(y)
+    lone.schedule()
+    assert (x.state, y.state) == (SessionState.PREFILLING, SessionState.WAITING)
+    clock.now += 4
+    assert not sched.schedule().expired
+    clock.now += 2  # waited past admission_wait_s: refused with a retry hint
+    plan = sched.schedule()
+    assert [(s, code) for s, code, _ in plan.expired] == [(ss[3], "server_busy")]
+    assert "retry" in plan.expired[0][2] and sched.num_waiting == 0
+
+
+def test_first_clips_first_then_earliest_deadline():
+    sched, clock = make(EngineConfig(max_sessions=8, max_batch=3))
+    ss = sessions(5)
+    start(sched, ss)
+    now = clock.now
+    playing(ss[0], now - 2, 1 + 3 * 8)  # due in 1 s
+    playing(ss[1], now - 10, 1 + 10 * 8)  # due now
+    playing(ss[2], now - 1, 1 + 4 * 8)  # due in 3 s
+    # ss[3], ss[4] have no clip out yet: first
+    assert sched.schedule().denoise == [ss[3], ss[4], ss[1]]
+    playing(ss[3], now, 9)
+    playing(ss[4], now, 9)  # both due in 1 s, like ss[0]
+    batch = sched.schedule().denoise
+    assert batch[0] is ss[1] and set(batch[1:]) <= {ss[0], ss[3], ss[4]} and ss[2] not in batch
+
+
+def test_a_session_ahead_of_its_viewer_by_more_than_the_lead_waits():
+    sched, clock = make(EngineConfig(max_sessions=4, max_batch=4, max_lead_s=4.0))
+    a, b = sessions(2)
+    start(sched, [a, b])
+    playing(a, clock.now, 1 + 5 * 8)  # 5 s of video out, the viewer is at 0 s: 5 s ahead
+    playing(b, clock.now, 1 + 2 * 8)
+    assert sched.schedule().denoise == [b]
+    clock.now += 1.01  # now 3.99 s ahead: it runs again
+    assert sched.schedule().denoise == [b, a]
+
+
+def test_background_fills_only_spare_time():
+    # a step takes 20 ms at 1 row and 40 ms at 2 rows: with 25 steps left, the live session needs 0.5 s alone and
+    # 1 s with a job beside it
+    sched, clock = make(EngineConfig(max_sessions=4, max_batch=4, deadline_margin_s=0.0, max_lead_s=10),
+                        {1: 0.02, 2: 0.04, 4: 0.08})  # fmt: skip
+    live, (job,) = sessions(1), sessions(1, pace="max")
+    start(sched, live + [job])
+    (s,) = live
+    assert sched.schedule().denoise == [s]  # its first clip is not out: nothing beside it
+    playing(s, clock.now - 0.1, 9)  # due in 0.9 s: 0.5 s alone fits, 1 s would not
+    assert sched.schedule().denoise == [s]
+    playing(s, clock.now - 1, 1 + 8 * 4)  # due in 3 s: the job may share the batch
+    assert sched.schedule().denoise == [s, job]
+    playing(s, clock.now, 1 + 8 * 12)  # 12 s ahead, more than the lead: the job runs alone
+    assert sched.schedule().denoise == [job]
+
+
+def test_background_round_robin_without_starvation():
+    sched, _ = make(EngineConfig(max_sessions=10, max_batch=3, max_background_sessions=10))
+    ss = sessions(10, pace="max")
+    start(sched, ss)
     runs = {s.id: 0 for s in ss}
     for _ in range(10):
         for s in sched.schedule().denoise:
@@ -35,24 +148,59 @@ def test_round_robin_no_starvation():
     assert set(runs.values()) == {3}  # 10 steps x 3 slots = 30 runs, evenly spread
 
 
-def test_slow_consumer_is_paused_and_resumed():
-    sched = Scheduler(EngineConfig(max_sessions=2, max_batch=2, max_pending_clips=2))
+def test_slow_consumer_is_paused_resumed_and_finally_ended():
+    sched, clock = make(EngineConfig(max_sessions=2, max_batch=2, max_pending_clips=2, max_paused_s=30))
     a, b = sessions(2)
-    sched.add(a)
-    sched.add(b)
-    sched.schedule()
-    a.state = b.state = SessionState.GENERATING
-    a.add_pending(3)
+    start(sched, [a, b])
+    for end in (9, 17, 25):
+        a.add_unacked(end)
     assert sched.schedule().denoise == [b] and a.state is SessionState.PAUSED
-    a.add_pending(-1)
+    a.ack(9)
     assert a in sched.schedule().denoise and a.state is SessionState.GENERATING
+    a.add_unacked(33)
+    sched.schedule()
+    clock.now += 29
+    assert not sched.schedule().expired
+    clock.now += 2
+    plan = sched.schedule()
+    assert [(s, code) for s, code, _ in plan.expired] == [(a, "slow_consumer")] and a not in sched.active
+
+
+def test_pending_bytes_pause_too():
+    sched, _ = make(EngineConfig(max_sessions=1, max_batch=1, max_pending_bytes=1000))
+    (a,) = sessions(1)
+    start(sched, [a])
+    a.add_unacked(9)
+    a.add_unacked_bytes(9, 1001)
+    assert sched.schedule().denoise == [] and a.state is SessionState.PAUSED
+
+
+def test_a_long_paused_session_is_evicted_when_another_waits():
+    sched, clock = make(EngineConfig(max_sessions=1, max_batch=1, max_pending_clips=1, evict_paused_s=5))
+    a, b = sessions(2)
+    start(sched, [a])
+    a.add_unacked(9)
+    a.add_unacked(17)
+    sched.schedule()
+    clock.now += 10  # paused for 10 s, well under max_paused_s: kept while nobody waits
+    assert not sched.schedule().expired
+    assert sched.add(b)
+    plan = sched.schedule()
+    assert [(s, code) for s, code, _ in plan.expired] == [(a, "slow_consumer")]
+    assert plan.prefill == [b]
 
 
 def test_cancel_removes_waiting_and_active():
-    sched = Scheduler(EngineConfig(max_sessions=1))
+    sched, _ = make(EngineConfig(max_sessions=1))
     a, b = sessions(2)
     sched.add(a)
     sched.add(b)
     sched.schedule()
     a.cancel_requested = b.cancel_requested = True
     assert set(sched.take_cancelled()) == {a, b} and sched.num_active == 0 and sched.num_waiting == 0
+
+
+@pytest.mark.parametrize("pace", ["fast", ""])
+def test_unknown_pace_is_refused(pace):
+    with pytest.raises(ValueError, match="unknown pace"):
+        SessionParams(pace=pace)

@@ -43,16 +43,20 @@ async function start() {
   Object.assign(state, { clips: 0, frames: 0, error: null, done: false, ttffMs: null, running: true });
   $("start").disabled = true; $("stop").disabled = false; $("download").hidden = true;
   setStatus("connecting…");
+  // the key travels as a websocket subprotocol, never in the URL (URLs end up in logs and history)
   const key = $("apikey").value;
-  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/stream` +
-    (key ? `?api_key=${encodeURIComponent(key)}` : "");
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/stream`;
+  const protocols = key ? ["ca2vdm", `ca2vdm.key.${btoa(key).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "")}`] : [];
   const mediaSource = new MediaSource();
   video.src = URL.createObjectURL(mediaSource);
   await new Promise((r) => mediaSource.addEventListener("sourceopen", r, { once: true }));
   // handlers are attached in this same task, so no websocket event can be missed
-  ws = new WebSocket(url);
+  ws = new WebSocket(url, protocols);
   ws.binaryType = "arraybuffer";
   let queue = null;
+  let mediaLeft = 0, clipEnd = 0, format = "fmp4";
+  // acknowledge a clip once all its media are in: the server keeps at most a few clips unacknowledged
+  const ack = () => { if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "ack", frames: clipEnd })); };
   video.addEventListener("playing", () => { if (state.ttffMs === null) state.ttffMs = performance.now() - t0;
     $("ttff").textContent = `${(state.ttffMs / 1000).toFixed(2)} s`; }, { once: true });
 
@@ -66,14 +70,17 @@ async function start() {
     if (typeof ev.data !== "string") {
       received.push(ev.data);
       if (queue) queue.push(ev.data);
+      if (mediaLeft > 0 && --mediaLeft === 0) ack();
       return;
     }
     const msg = JSON.parse(ev.data);
     if (msg.type === "ready") {
+      format = msg.format;
       if (!MediaSource.isTypeSupported(msg.mime)) { setStatus(`this browser cannot play ${msg.mime}`, true); ws.close(); return; }
       queue = new SegmentQueue(mediaSource, msg.mime);
       setStatus(`streaming ${msg.width}×${msg.height} at ${msg.fps} fps (session ${msg.session_id})`);
     } else if (msg.type === "clip") {
+      mediaLeft = format === "fmp4" ? 1 : msg.num_frames; clipEnd = msg.first_frame + msg.num_frames;
       state.clips += 1; state.frames += msg.num_frames;
       $("clips").textContent = state.clips; $("nframes").textContent = state.frames;
       $("fps").textContent = (state.frames / ((performance.now() - t0) / 1000)).toFixed(1);

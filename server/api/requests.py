@@ -1,0 +1,137 @@
+"""What a client sends, turned into engine parameters without letting one client stall the others.
+
+The event loop serves every connection, so it never parses, decodes or resizes anything whose cost a client
+controls: a start message or request body larger than `INLINE_BYTES`, and every condition image (a 40 KB PNG can
+declare 16 million pixels), go to a small pool of threads (`request_workers`). At most `max_pending_requests` such
+jobs are in or waiting for the pool; beyond that a request is refused at once as busy, so a flood of large messages
+costs a bounded share of the machine. Every error becomes a `Reject` with the API's error code and a short reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import secrets
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+from pydantic import BaseModel, ValidationError
+
+from ca2vdm.server.engine.session import SessionParams
+from ca2vdm.server.media import load_image
+from ca2vdm.server.model.loader import Pipeline
+
+from .schemas import StartMessage, VideoRequest, describe
+from .settings import Settings
+
+INLINE_BYTES = 64 * 2**10  # JSON at most this long is parsed on the event loop (well under a millisecond)
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+class Reject(Exception):
+    """A request the server refuses: `code` is the API's error code (invalid_request, server_busy, ...), `status`
+    the HTTP status for REST (422: the body does not match its schema; 400: it does, but asks for too much)."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+def decode_base64(data: str, max_bytes: int) -> bytes:
+    """Strict base64 (a data: URL prefix is accepted); ValueError with a reason otherwise."""
+    if data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    if len(data) > (max_bytes + 2) // 3 * 4 + 4:
+        raise ValueError(f"image is larger than {max_bytes} bytes")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"image is not valid base64: {exc}") from exc
+    if len(raw) > max_bytes:
+        raise ValueError(f"image is larger than {max_bytes} bytes")
+    return raw
+
+
+class RequestDecoder:
+    def __init__(self, settings: Settings, pipe: Pipeline) -> None:
+        self.settings, self.pipe = settings, pipe
+        self._pool = ThreadPoolExecutor(max_workers=settings.request_workers, thread_name_prefix="ca2vdm-request")
+        self._pending = 0  # jobs in or waiting for the pool (event loop only)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _offload(self, fn: Callable[..., T], *args: object) -> T:
+        if self._pending >= self.settings.max_pending_requests:
+            raise Reject("server_busy", "too many large requests in progress; retry in a few seconds")
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            self._pending -= 1
+
+    async def _parse(self, model: type[M], text: str | bytes) -> M:
+        if len(text) <= INLINE_BYTES:
+            return _validate(model, text)
+        return await self._offload(_validate, model, text)
+
+    async def _image(self, data: str | None) -> torch.Tensor | None:
+        if data is None:
+            return None
+        s = self.settings
+        return await self._offload(_decode_image, data, self.pipe.frame_size, s.max_image_bytes, s.max_image_pixels,
+                                   s.max_image_aspect)  # fmt: skip
+
+    async def stream_params(self, text: str) -> tuple[SessionParams, bool]:
+        """A websocket start message -> (engine parameters, whether num_frames was capped at max_frames)."""
+        msg = await self._parse(StartMessage, text)
+        image = await self._image(msg.image)
+        capped = msg.num_frames is None
+        num_frames = self.settings.max_frames if capped else msg.num_frames
+        params = self._params(image, msg.seed, msg.sampler, msg.steps, num_frames, msg.format, msg.pace)
+        return params, capped
+
+    async def job_params(self, body: bytes) -> SessionParams:
+        """A POST /v1/videos body -> engine parameters (a background session of raw frames)."""
+        msg = await self._parse(VideoRequest, body)
+        image = await self._image(msg.image)
+        return self._params(image, msg.seed, msg.sampler, msg.steps, msg.num_frames, "raw", "max")
+
+    def _params(self, image: torch.Tensor | None, seed: int | None, sampler: str | None, steps: int | None,
+                num_frames: int | None, fmt: str, pace: str) -> SessionParams:  # fmt: skip
+        s = self.settings
+        sampler = sampler or self.pipe.config.default_sampler
+        steps = steps if steps is not None else self.pipe.default_steps(sampler)
+        if steps > s.max_steps:
+            raise Reject("invalid_request", f"steps must be <= {s.max_steps}")
+        if num_frames is not None and num_frames > s.max_frames:
+            raise Reject("invalid_request", f"num_frames must be <= {s.max_frames}")
+        seed = seed if seed is not None else secrets.randbelow(2**31)
+        try:
+            return SessionParams(image=image, seed=seed, sampler=sampler, steps=steps, num_frames=num_frames,
+                                 format=fmt, pace=pace)  # fmt: skip
+        except ValueError as exc:
+            raise Reject("invalid_request", str(exc)) from exc
+
+
+def _validate(model: type[M], text: str | bytes) -> M:
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        raise Reject("invalid_request", f"bad {_noun(model)}: {describe(exc)}", status=422) from exc
+
+
+def _noun(model: type[BaseModel]) -> str:
+    return "start message" if model is StartMessage else "request"
+
+
+def _decode_image(data: str, size: tuple[int, int], max_bytes: int, max_pixels: int, max_aspect: float) -> torch.Tensor:
+    try:
+        return load_image(decode_base64(data, max_bytes), size=size, max_pixels=max_pixels, max_aspect=max_aspect)
+    except ValueError as exc:
+        raise Reject("invalid_request", str(exc)) from exc

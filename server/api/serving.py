@@ -1,0 +1,33 @@
+"""How the app is served: uvicorn with the connection limits of the settings (`ca2vdm serve` and the tests' real
+servers use this same config)."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+from fastapi import FastAPI
+
+from .limits import RedactKeys, header_timeout_protocol
+from .settings import Settings
+
+
+def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") -> uvicorn.Config:
+    for name in ("uvicorn.access", "uvicorn.error"):  # request paths may carry ?api_key=
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactKeys) for f in logger.filters):
+            logger.addFilter(RedactKeys())
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        http=header_timeout_protocol(settings.header_timeout_s),
+        ws_max_size=settings.max_message_bytes,
+        ws_ping_interval=settings.ws_ping_interval_s,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
+        ws_per_message_deflate=False,  # media is compressed already: deflating it costs CPU for nothing
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=30,
+    )
