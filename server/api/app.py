@@ -21,13 +21,13 @@ from ca2vdm.server.model.loader import Pipeline, load_pipeline
 
 from . import stream, videos
 from .auth import key_is_valid
+from .clients import ClientGuard
 from .job_runner import JobRunner
 from .jobs import JobStore
 from .limits import BodyLimit
 from .metrics import metrics_text
 from .requests import RequestDecoder
 from .settings import Settings
-from .stream import ClientLimits
 
 log = logging.getLogger("ca2vdm.api")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -46,7 +46,6 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
         engine = Engine(pipe, settings.engine_config()).start()  # warm-up included: /readyz turns 200 after this
         app.state.engine = engine
         app.state.decoder = RequestDecoder(settings, pipe)
-        app.state.client_limits = ClientLimits(settings.max_sessions_per_client)
         app.state.jobs = JobStore(settings.data_dir, settings.max_job_attempts)
         app.state.job_runner = JobRunner(app.state.jobs, engine, settings.max_queued_jobs, settings.max_running_jobs)
         app.state.job_runner.resume()
@@ -69,7 +68,10 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     app = FastAPI(title="ca2vdm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json" if docs_open else None)  # fmt: skip
     app.state.settings = settings
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.state.clients = ClientGuard(settings.max_sessions_per_client, settings.max_invalid_requests,
+                                    settings.invalid_ban_s, settings.max_connections_per_s)  # fmt: skip
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+                       guard=app.state.clients)  # fmt: skip
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
@@ -139,6 +141,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
 
     @app.get("/metrics", dependencies=[Depends(require_key)])
     def metrics(request: Request) -> Response:
-        return Response(metrics_text(request.app.state.engine), media_type="text/plain; version=0.0.4")
+        return Response(metrics_text(request.app.state.engine, request.app.state.jobs),
+                        media_type="text/plain; version=0.0.4")  # fmt: skip
 
     return app

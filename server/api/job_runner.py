@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -13,6 +14,7 @@ from ca2vdm.server.engine.session import SessionParams
 from ca2vdm.server.media import Mp4Writer
 
 from .jobs import Job, JobQueueFull, JobStore
+from .requests import lower_thread_priority
 
 log = logging.getLogger("ca2vdm.jobs")
 
@@ -24,6 +26,9 @@ class JobRunner:
         self._slots = asyncio.Semaphore(max_running)  # a job waits here for its turn: no polling
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closing = False
+        # MP4 encoding of jobs: background work, on threads of lower priority than the engine
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ca2vdm-job-encode",
+                                           initializer=lower_thread_priority)  # fmt: skip
 
     @property
     def num_queued(self) -> int:
@@ -62,6 +67,7 @@ class JobRunner:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._encoder.shutdown(wait=True)
         if tasks:
             log.info("%d job(s) stopped by shutdown stay queued for the next start", len(tasks))
 
@@ -74,11 +80,12 @@ class JobRunner:
             async with self._slots:
                 handle = await self.engine.start_session(params)
                 self.store.update(job.id, status="in_progress")
-                writer = Mp4Writer(self.store.path(job.id), self.engine.pipe.config.fps)
+                writer = Mp4Writer(self.store.path(job.id), self.engine.pipe.config.fps, threads=1)  # background
+                loop = asyncio.get_running_loop()
                 async for clip in handle:
-                    await asyncio.to_thread(writer.append, clip.frames)
+                    await loop.run_in_executor(self._encoder, writer.append, clip.frames)
                     self.store.update(job.id, progress=min(99, 100 * writer.num_frames // job.num_frames))
-                await asyncio.to_thread(self.store.complete, job.id, writer)
+                await loop.run_in_executor(self._encoder, self.store.complete, job.id, writer)
                 writer = None
         except asyncio.CancelledError:
             if handle is not None:

@@ -141,6 +141,12 @@ class JobStore:
             row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
         return Job(*row) if row else None
 
+    def count_by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys(("queued", "in_progress", "completed", "failed", "cancelled"), 0)
+        with self._lock:
+            counts.update(self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+        return counts
+
     def queued(self) -> list[Job]:
         with self._lock:
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE status='queued' ORDER BY created_at, id")

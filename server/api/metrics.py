@@ -10,6 +10,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from ca2vdm.server.engine.engine import Engine
 from ca2vdm.server.engine.stats import Histogram
 
+from .jobs import JobStore
+
 
 def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
     cumulative, buckets = 0, []
@@ -20,8 +22,8 @@ def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
 
 
 class EngineCollector:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, jobs: JobStore | None = None) -> None:
+        self.engine, self.jobs = engine, jobs
 
     def collect(self) -> Iterator[Metric]:
         e, stats = self.engine, self.engine.stats
@@ -47,9 +49,14 @@ class EngineCollector:
         yield GaugeMetricFamily("ca2vdm_realtime_capacity_sessions",
                                 "Live sessions at the model's default steps the engine estimates it keeps in real time",
                                 value=e.realtime_capacity())  # fmt: skip
+        if self.jobs is not None:
+            jobs = GaugeMetricFamily("ca2vdm_jobs", "REST video jobs by status", labels=["status"])
+            for status, n in self.jobs.count_by_status().items():
+                jobs.add_metric([status], n)
+            yield jobs
 
 
-def metrics_text(engine: Engine) -> bytes:
+def metrics_text(engine: Engine, jobs: JobStore | None = None) -> bytes:
     registry = CollectorRegistry()
-    registry.register(EngineCollector(engine))  # type: ignore[arg-type]
+    registry.register(EngineCollector(engine, jobs))  # type: ignore[arg-type]
     return generate_latest(registry)

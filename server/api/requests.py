@@ -4,7 +4,8 @@ The event loop serves every connection, so it never parses, decodes or resizes a
 controls: a start message or request body larger than `INLINE_BYTES`, and every condition image (a 40 KB PNG can
 declare 16 million pixels), go to a small pool of threads (`request_workers`). At most `max_pending_requests` such
 jobs are in or waiting for the pool; beyond that a request is refused at once as busy, so a flood of large messages
-costs a bounded share of the machine. Every error becomes a `Reject` with the API's error code and a short reason.
+costs a bounded share of the machine; the pool's threads run at a lower priority than the engine. Every error becomes a
+`Reject` with the API's error code and a short reason.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import os
 import secrets
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -57,10 +61,20 @@ def decode_base64(data: str, max_bytes: int) -> bytes:
     return raw
 
 
+def lower_thread_priority(nice: int = 10) -> None:
+    """Give the calling thread (and threads it starts) less CPU than the engine when they compete: decoding what a
+    client sent, or encoding a background job, must not slow live generation. Linux schedules threads separately,
+    so this is per thread; elsewhere it does nothing."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
 class RequestDecoder:
     def __init__(self, settings: Settings, pipe: Pipeline) -> None:
         self.settings, self.pipe = settings, pipe
-        self._pool = ThreadPoolExecutor(max_workers=settings.request_workers, thread_name_prefix="ca2vdm-request")
+        self._pool = ThreadPoolExecutor(max_workers=settings.request_workers, thread_name_prefix="ca2vdm-request",
+                                        initializer=lower_thread_priority)  # fmt: skip
         self._pending = 0  # jobs in or waiting for the pool (event loop only)
 
     def close(self) -> None:

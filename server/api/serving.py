@@ -8,21 +8,22 @@ import logging
 import uvicorn
 from fastapi import FastAPI
 
-from .limits import RedactKeys, header_timeout_protocol
+from .limits import RateLimitLogs, RedactKeys, header_timeout_protocol
 from .settings import Settings
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") -> uvicorn.Config:
-    for name in ("uvicorn.access", "uvicorn.error"):  # request paths may carry ?api_key=
+    for name in ("uvicorn.access", "uvicorn.error", "ca2vdm.api", "ca2vdm.engine"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactKeys) for f in logger.filters):
-            logger.addFilter(RedactKeys())
+        for kind in (RedactKeys, RateLimitLogs):  # request paths may carry ?api_key=; floods must not flood the log
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=log_level,
-        http=header_timeout_protocol(settings.header_timeout_s),
+        http=header_timeout_protocol(settings.header_timeout_s, getattr(app.state, "clients", None)),
         ws_max_size=settings.max_message_bytes,
         ws_ping_interval=settings.ws_ping_interval_s,
         ws_ping_timeout=settings.ws_ping_timeout_s,

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1)  # sessions per denoising forward
     max_waiting: int = Field(64, ge=0)  # queued beyond max_sessions, per class; more are refused (server busy)
     max_background_sessions: int = Field(8, ge=1)  # jobs and max-pace streams admitted at once
-    max_pending_clips: int = Field(4, ge=1)  # clips a client may leave unacknowledged before its session pauses
+    max_background_step_s: float = Field(0.15, gt=0)  # a step of background rows alone lasts at most this
+    max_pending_clips: int = Field(3, ge=1)  # clips a client may leave unacknowledged before its session pauses
     max_pending_bytes: int = Field(32 * 2**20, ge=1)  # the same budget in encoded bytes
     max_paused_s: float = Field(30.0, gt=0)  # a session paused that long for its client is ended (slow_consumer)
     evict_paused_s: float = Field(5.0, gt=0)  # ... after that long when another session waits for a slot
@@ -61,6 +62,9 @@ class Settings(BaseSettings):
     request_workers: int = Field(2, ge=1)  # threads that parse large requests and decode images
     max_pending_requests: int = Field(8, ge=1)  # large requests in or waiting for those threads; more: busy
     max_sessions_per_client: int = Field(8, ge=0)  # streams one client address may hold (0: no limit)
+    max_invalid_requests: int = Field(20, ge=0)  # invalid requests per minute from one address before it is shut out
+    invalid_ban_s: float = Field(60.0, gt=0)  # ... for this long (0 requests: never)
+    max_connections_per_s: float = Field(10.0, ge=0)  # new connections per second from one address (0: no limit)
     # jobs
     max_queued_jobs: int = Field(64, ge=1)  # queued or running; more get 429
     max_running_jobs: int = Field(4, ge=1)  # at once (each a background session)

@@ -4,9 +4,10 @@ start → ready (+ init segment for fmp4) → per clip: clip JSON then its media
 (`ack`) → done, close 1000. Errors: an `error` message, then close 1008 (invalid_request, unauthorized,
 slow_consumer), 1013 (server_busy) or 1011 (internal).
 
-What a client can cost is bounded before anything is parsed: the handshake is refused for a foreign Origin or a
-missing key; a client address holds at most `max_sessions_per_client` streams; the start message is parsed and its
-image decoded off the event loop when large (`RequestDecoder`); after start only small control messages are accepted,
+What a client can cost is bounded before anything is parsed: the handshake is refused for a foreign Origin, and for
+an address shut out for its invalid requests (`ClientGuard`); a missing key ends it at once; a client address holds
+at most `max_sessions_per_client` streams; the start message is parsed and its image decoded off the event loop
+when large (`RequestDecoder`); after start only small control messages are accepted,
 at a bounded rate; a session produces at most `max_pending_clips` clips beyond the client's acknowledgements, and one
 whose client stops acknowledging is paused and then ended (the engine's slow-consumer rule). Every exception in a
 handler ends in a documented error, never in a silent drop.
@@ -17,9 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -27,6 +25,7 @@ from pydantic import ValidationError
 from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed, SessionHandle
 
 from .auth import key_is_valid, offered_subprotocol, origin_allowed
+from .clients import ClientGuard
 from .requests import Reject, RequestDecoder
 from .schemas import AckMessage, ControlMessage, StopMessage, describe
 from .settings import Settings
@@ -36,26 +35,6 @@ router = APIRouter()
 
 CLOSE_CODES = {"invalid_request": 1008, "unauthorized": 1008, "slow_consumer": 1008, "server_busy": 1013,
                "internal": 1011}  # fmt: skip
-
-
-class ClientLimits:
-    """Streams per client address (waiting or running)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._count: Counter[str] = Counter()
-
-    @contextmanager
-    def hold(self, client: str) -> Iterator[None]:
-        if self.limit and self._count[client] >= self.limit:
-            raise Reject("server_busy", f"this address already has {self.limit} streams open")
-        self._count[client] += 1
-        try:
-            yield
-        finally:
-            self._count[client] -= 1
-            if not self._count[client]:
-                del self._count[client]
 
 
 async def _fail(ws: WebSocket, code: str, message: str) -> None:
@@ -85,6 +64,7 @@ class _Stream:
     def __init__(self, ws: WebSocket, handle: SessionHandle, settings: Settings) -> None:
         self.ws, self.handle, self.settings = ws, handle, settings
         self.frames_sent = 0
+        self.acked = False  # has the client acknowledged anything
         self.violation: Reject | None = None
 
     async def send_clips(self) -> int:
@@ -127,6 +107,7 @@ class _Stream:
                 if control.frames > self.frames_sent:
                     raise Reject("invalid_request", f"ack of frame {control.frames}, only {self.frames_sent} were sent")
                 self.handle.ack(control.frames)
+                self.acked = True
         except Reject as exc:
             self.violation = exc
         except Exception as exc:  # noqa: BLE001 - a broken watcher must end the session, never leave it unstoppable
@@ -141,26 +122,30 @@ async def stream(ws: WebSocket) -> None:
     settings: Settings = ws.app.state.settings
     engine: Engine = ws.app.state.engine
     decoder: RequestDecoder = ws.app.state.decoder
-    if not origin_allowed(settings, ws.headers):
-        await ws.close(1008, "origin not allowed")  # before accept: the handshake gets 403
+    guard: ClientGuard = ws.app.state.clients
+    client = ws.client.host if ws.client else "unknown"
+    if not origin_allowed(settings, ws.headers) or guard.banned_for(client):
+        await ws.close(1008)  # before accept: the handshake gets 403
         return
     await ws.accept(subprotocol=offered_subprotocol(ws.headers))
     if not key_is_valid(settings, ws.headers, ws.query_params.get("api_key"), websocket=True):
         await _fail(ws, "unauthorized", "missing or wrong API key")
         return
-    client = ws.client.host if ws.client else "unknown"
     try:
-        with ws.app.state.client_limits.hold(client):
+        with guard.hold(client):
             try:
                 params, capped = await decoder.stream_params(await _read_start(ws, settings))
-                handle = await engine.start_session(params, auto_ack=False)
+                handle = await engine.start_session(params, auto_ack=False, client=client)
             except Reject as exc:
+                if exc.code == "invalid_request":
+                    guard.strike(client)
                 await _fail(ws, exc.code, str(exc))
                 return
             except ServerBusy as exc:
                 await _fail(ws, "server_busy", str(exc))
                 return
-            await _serve(ws, handle, settings, capped)
+            if strikes := await _serve(ws, handle, settings, capped):
+                guard.strike(client, strikes)
     except Reject as exc:  # the address holds too many streams
         await _fail(ws, exc.code, str(exc))
     except WebSocketDisconnect:
@@ -170,7 +155,11 @@ async def stream(ws: WebSocket) -> None:
         await _fail(ws, "internal", f"{type(exc).__name__}: {exc}")
 
 
-async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, capped: bool) -> None:
+NEVER_READ_STRIKES = 5  # a stream ended for a client that never acknowledged a clip: not a viewer
+
+
+async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, capped: bool) -> int:
+    """Run the stream to its end; the strikes its client earned (protocol violations, not reading)."""
     stream = _Stream(ws, handle, settings)
     watcher = asyncio.create_task(stream.watch_client())
     info = handle.info
@@ -183,7 +172,7 @@ async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, cappe
         frames = await stream.send_clips()
         if stream.violation is not None:
             await _fail(ws, stream.violation.code, str(stream.violation))
-            return
+            return int(stream.violation.code == "invalid_request")
         done: dict = {"type": "done", "frames": frames}
         if capped and frames >= settings.max_frames:
             done["reason"] = "max_frames"
@@ -191,8 +180,11 @@ async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, cappe
         await ws.close(1000)
     except SessionFailed as exc:
         await _fail(ws, exc.code, str(exc))
+        if exc.code == "slow_consumer":  # a client that stops reading counts against its address too
+            return 1 if stream.acked else NEVER_READ_STRIKES
     except (WebSocketDisconnect, RuntimeError, OSError):  # client gone mid-stream: the session is cancelled below
         pass
     finally:
         handle.cancel()
         watcher.cancel()
+    return 0

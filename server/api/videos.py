@@ -52,6 +52,8 @@ async def create_video(request: Request, store: Store, runner: Runner) -> JSONRe
     except JobQueueFull as exc:
         raise HTTPException(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
     except Reject as exc:
+        if exc.code == "invalid_request":
+            request.app.state.clients.strike(request.client.host if request.client else "unknown")
         busy = exc.code == "server_busy"
         headers = {"Retry-After": str(RETRY_AFTER_S)} if busy else None
         raise HTTPException(503 if busy else exc.status, str(exc), headers=headers) from exc

@@ -12,8 +12,9 @@ class EngineConfig:
     max_batch: int = 16  # sessions per denoising forward
     max_waiting: int = 64  # queued for admission, per class (live, background); more are refused (server busy)
     max_background_sessions: int = 8  # background (pace "max": REST jobs, max-pace streams) admitted at once
+    max_background_step_s: float = 0.15  # a step of background rows alone lasts at most this (by measurement)
     # consumers
-    max_pending_clips: int = 4  # clips produced but not yet taken (acknowledged) before the session pauses
+    max_pending_clips: int = 3  # clips produced but not yet taken (acknowledged) before the session pauses
     max_pending_bytes: int = 32 * 2**20  # the same budget in encoded bytes
     max_paused_s: float = 30.0  # a session paused this long for its consumer is ended (slow_consumer)
     evict_paused_s: float = 5.0  # ... and after this long, when another session waits for its slot
@@ -33,7 +34,8 @@ class EngineConfig:
                              "and encode_workers must be >= 1")  # fmt: skip
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
-        times = (self.max_paused_s, self.evict_paused_s, self.max_lead_s, self.admission_wait_s)
+        times = (self.max_paused_s, self.evict_paused_s, self.max_lead_s, self.admission_wait_s,
+                 self.max_background_step_s)  # fmt: skip
         if min(times) <= 0 or self.deadline_margin_s < 0:
             raise ValueError("max_paused_s, evict_paused_s, max_lead_s and admission_wait_s must be > 0")
         if not 0 < self.realtime_target <= 1:

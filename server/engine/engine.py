@@ -110,14 +110,16 @@ class Engine:
 
     # ---- API -------------------------------------------------------------------------------------------
 
-    async def start_session(self, params: SessionParams, *, auto_ack: bool = True) -> SessionHandle:
-        """Queue a session; raises ServerBusy when it cannot even wait. `auto_ack`: see `SessionHandle`."""
+    async def start_session(self, params: SessionParams, *, auto_ack: bool = True,
+                            client: str | None = None) -> SessionHandle:  # fmt: skip
+        """Queue a session; raises ServerBusy when it cannot even wait. `auto_ack`: see `SessionHandle`; `client`:
+        who asks (an address), so that admission is fair between clients."""
         if not self.alive:
             raise RuntimeError("engine is not running")
         height, width = self.pipe.frame_size
         if params.image is not None and tuple(params.image.shape) != (height, width, 3):
             raise ValueError(f"image must be {(height, width, 3)}, got {tuple(params.image.shape)}")
-        session = Session(params, created_at=self.clock())
+        session = Session(params, created_at=self.clock(), client=client)
         encoder = None if params.format == "raw" else make_encoder(params.format, width, height, self.fps)
         info = StreamInfo(
             session_id=session.id,

@@ -7,17 +7,23 @@ batch (live before background, earliest deadline first):
 2. live sessions by the due time of their next clip; one more than `max_lead_s` ahead of its viewer waits;
 3. background sessions (pace "max": REST jobs, max-pace streams), least recently run first, in what is left of the
    batch; in a batch with live sessions only as many as the capacity model says cost no live session its due
-   time, and none beside a live session's first clip.
+   time, and none beside a live session's first clip; alone, only as many as keep the step under
+   `max_background_step_s` (a live session that arrives waits at most that for its first step).
 A session whose consumer is behind (more than `max_pending_clips` clips, or `max_pending_bytes`, not yet taken or
-acknowledged) is PAUSED: it keeps its pages and gives its GPU time to others until the consumer catches up.
+acknowledged; nothing beyond its first clip until the consumer acknowledges it: a client that never reads costs one
+clip) is
+PAUSED: it keeps its pages and gives its GPU time, and its share of real-time capacity, to others until the consumer
+catches up (and, live, until it fits again).
 
 Admission: pages (the pool holds exactly `max_sessions` full queues, and a write reuses the pages of dequeued frames
 in place, so an admitted session's pages always exist), background slots (`max_background_sessions`, so jobs never
 take every slot), and for a live session real-time capacity: it is admitted only if every live session keeps real
 time with it (`CapacityModel.fits`), except the first, which is served as well as the engine can. Beyond that, up
-to `max_waiting` sessions per class queue. The engine ends
+to `max_waiting` sessions per class queue, admitted fairly between clients: the waiting session whose client holds
+the fewest active sessions first, then the oldest. The engine ends
 (`StepPlan.expired`) a live session that found no capacity for `admission_wait_s` (server_busy, with a retry hint),
-and a session paused for `max_paused_s`, or for `evict_paused_s` while another session waits (slow_consumer).
+and a session paused for `max_paused_s`, or for `evict_paused_s` while a session of another client waits
+(slow_consumer).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class Scheduler:
         self.active: list[Session] = []  # admitted, not finished
         self.step_count = 0
         self._tick = 0
+        self._favoured: set[Session] = set()  # waiting sessions a slot was freed for (admitted first)
 
     # ---- membership ----------------------------------------------------------------------------------------
 
@@ -75,6 +82,7 @@ class Scheduler:
         return gone
 
     def remove(self, session: Session) -> None:
+        self._favoured.discard(session)
         for group in (self.active, self.waiting_live, self.waiting_background):
             if session in group:
                 group.remove(session)
@@ -88,8 +96,10 @@ class Scheduler:
         return len(self.active)
 
     def live_steps(self) -> list[int]:
-        """Denoising steps per chunk of the admitted live sessions (their real-time load)."""
-        return [s.params.steps for s in self.active if s.is_live]
+        """Denoising steps per chunk of the admitted live sessions that are not paused: the real-time load. A paused
+        session gives its share up (a client that stopped reading must not keep others out) and takes it back only
+        if it fits again when its client catches up."""
+        return [s.params.steps for s in self.active if s.is_live and s.state is not SessionState.PAUSED]
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -113,20 +123,30 @@ class Scheduler:
             if s.state not in (SessionState.GENERATING, SessionState.PAUSED):
                 continue
             clips, nbytes = s.pending
-            behind = clips > cfg.max_pending_clips or nbytes > cfg.max_pending_bytes
+            allowed = cfg.max_pending_clips if s.acked_frames > 0 else 0
+            behind = clips > allowed or nbytes > cfg.max_pending_bytes
             if behind and s.state is SessionState.GENERATING:
                 s.state, s.paused_since = SessionState.PAUSED, now
             elif not behind and s.state is SessionState.PAUSED:
+                if s.is_live and not self._fits_live(s):
+                    continue  # caught up, but its real-time share went to others meanwhile
                 s.state, s.paused_since = SessionState.GENERATING, None
 
     def _expire(self, now: float, plan: StepPlan) -> None:
         cfg = self.config
         paused = sorted((s for s in self.active if s.paused_since is not None), key=lambda s: s.paused_since)
-        others_wait = self.num_waiting
+        waiting = [*self.waiting_live, *self.waiting_background]
         for s in paused:
             for_s = now - s.paused_since  # type: ignore[operator]
-            if for_s > cfg.max_paused_s or (others_wait and for_s > cfg.evict_paused_s):
-                others_wait = max(0, others_wait - 1)
+            # evicted only for a waiting session of another client: one client's sessions never take turns
+            other = next((w for w in waiting if w.client is None or w.client != s.client), None)
+            if for_s > cfg.max_paused_s or (other is not None and for_s > cfg.evict_paused_s):
+                if other is not None:  # the freed slot is its: first in its queue
+                    waiting.remove(other)
+                    queue = self.waiting_live if other.is_live else self.waiting_background
+                    queue.remove(other)
+                    queue.appendleft(other)
+                    self._favoured.add(other)
                 why = "while others waited for its slot" if for_s <= cfg.max_paused_s else ""
                 plan.expired.append((s, "slow_consumer", f"the client took no clip for {for_s:.0f} s {why}".strip()))
         for s in self.waiting_live:
@@ -136,18 +156,31 @@ class Scheduler:
         for s, _, _ in plan.expired:
             self.remove(s)
 
+    def _fits_live(self, s: Session) -> bool:
+        """Whether live session `s` can run with the other running live sessions and all keep real time. Alone it
+        always can: where no session keeps real time, one is served as well as the engine can."""
+        live = self.live_steps()
+        return not live or self.capacity.fits([*live, s.params.steps])
+
     def _can_admit_now(self, s: Session) -> bool:
         if len(self.active) >= self.config.max_sessions:
             return False
-        if s.is_live:  # the first live session always gets in, even where no session keeps real time
-            live = self.live_steps()
-            return not live or self.capacity.fits([*live, s.params.steps])
+        if s.is_live:
+            return self._fits_live(s)
         return sum(not x.is_live for x in self.active) < self.config.max_background_sessions
 
     def _admit(self, now: float) -> None:
         for queue in (self.waiting_live, self.waiting_background):
-            while queue and self._can_admit_now(queue[0]):
-                s = queue.popleft()
+            while queue:
+                held: dict[str | None, int] = {}
+                for a in self.active:
+                    held[a.client] = held.get(a.client, 0) + 1
+                s = min(queue, key=lambda w: (w not in self._favoured, held.get(w.client, 0) if w.client is not None
+                                              else 0, w.created_at))  # fmt: skip
+                if not self._can_admit_now(s):
+                    break
+                queue.remove(s)
+                self._favoured.discard(s)
                 s.state, s.admitted_at = SessionState.PREFILLING, now
                 self.active.append(s)
 
@@ -163,7 +196,17 @@ class Scheduler:
         room = min(cfg.max_batch - len(batch), len(background))
         if room and batch:
             room = 0 if first else self._background_room(batch, room, now, due)
+        elif room:  # background alone: a step short enough that a live session arriving meanwhile waits little
+            room = max(1, self._rows_within(room, cfg.max_background_step_s))
         return batch + background[:room]
+
+    def _rows_within(self, rows: int, seconds: float) -> int:
+        """The most rows (at most `rows`) whose step the capacity model puts within `seconds` (unmeasured: all)."""
+        for k in range(rows, 0, -1):
+            step = self.capacity.step_time(k)
+            if step is None or step <= seconds:
+                return k
+        return 0
 
     def _background_room(self, live: list[Session], room: int, now: float, due: dict) -> int:
         """How many background rows can join this batch of live sessions with every one still out on time."""

@@ -121,6 +121,8 @@ class Session:
     # and the encoders add, the consumer's thread acknowledges
     _unacked: deque = field(default_factory=deque, repr=False)  # [end_frame, bytes] per clip, in order
     _unacked_bytes: int = 0
+    acked_frames: int = 0  # every frame before this one has reached the consumer
+    client: str | None = None  # who asked (the client's address), for fairness between clients
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -159,6 +161,7 @@ class Session:
     def ack(self, frames: int) -> None:
         """The consumer has every frame before `frames`."""
         with self._lock:
+            self.acked_frames = max(self.acked_frames, frames)
             while self._unacked and self._unacked[0][0] <= frames:
                 self._unacked_bytes -= self._unacked.popleft()[1]
 

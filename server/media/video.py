@@ -61,13 +61,14 @@ class Mp4Writer:
     Thread-safe: `abort` from one thread waits for an `append` running in another.
     """
 
-    def __init__(self, path: str | os.PathLike[str], fps: int, crf: int = 18) -> None:
+    def __init__(self, path: str | os.PathLike[str], fps: int, crf: int = 18, threads: int = 0) -> None:
         if int(fps) != fps or fps < 1:
             raise ValueError(f"fps must be a positive integer, got {fps!r}")
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be in [0, 51], got {crf}")
         self.path = Path(path)
         self.fps, self.crf = int(fps), int(crf)
+        self.threads = int(threads)  # x264 threads; 0: its own choice (1.5 per core)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
         self.tmp = Path(tmp)
@@ -113,7 +114,7 @@ class Mp4Writer:
         stream = self._container.add_stream("libx264", rate=Fraction(self.fps, 1))
         stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
         stream.time_base = Fraction(1, self.fps)
-        stream.options = {"crf": str(self.crf), "preset": "medium"}
+        stream.options = {"crf": str(self.crf), "preset": "medium", "threads": str(self.threads)}
         tag_bt709(stream.codec_context)
         self._stream = stream
 

@@ -25,6 +25,10 @@ def running_server(pipe, **overrides) -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     overrides.setdefault("data_dir", tempfile.mkdtemp(prefix="ca2vdm-test-"))
+    # tests open many connections and send many bad requests from one address: the per-address guards are off
+    # unless a test turns them on (tests/e2e/test_hardening.py)
+    overrides.setdefault("max_connections_per_s", 0)
+    overrides.setdefault("max_invalid_requests", 0)
     settings = Settings(port=port, **overrides)
     app = create_app(settings, pipeline=pipe)
     server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))

@@ -24,7 +24,7 @@ def png_b64(h=40, w=56) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def run_stream(address, start, stop_after_clips=None, headers=None):
+def run_stream(address, start, stop_after_clips=None, headers=None, ack=True):
     """Messages of one stream: list of ("json", dict) / ("bytes", bytes), and the close code."""
     out = []
     with connect(f"ws://{address}/v1/stream", additional_headers=headers, max_size=2**25) as ws:
@@ -32,17 +32,27 @@ def run_stream(address, start, stop_after_clips=None, headers=None):
             ws.send(json.dumps(start) if isinstance(start, dict) else start)
         except ConnectionClosed:  # refused before it could send (e.g. unauthorized): read what came
             pass
-        clips = 0
+        clips, media_left, clip_end, fmt = 0, 0, 0, None
         try:
             while True:
                 msg = ws.recv(timeout=60)
                 if isinstance(msg, bytes):
                     out.append(("bytes", msg))
+                    media_left -= 1
+                    if media_left == 0 and ack:  # the clip's media are in: acknowledge it
+                        try:
+                            ws.send(json.dumps({"type": "ack", "frames": clip_end}))
+                        except ConnectionClosed:
+                            pass
                     continue
                 data = json.loads(msg)
                 out.append(("json", data))
+                if data["type"] == "ready":
+                    fmt = data["format"]
                 if data["type"] == "clip":
                     clips += 1
+                    media_left = 1 if fmt == "fmp4" else data["num_frames"]
+                    clip_end = data["first_frame"] + data["num_frames"]
                     if stop_after_clips is not None and clips == stop_after_clips:
                         ws.send(json.dumps({"type": "stop"}))
         except ConnectionClosed:

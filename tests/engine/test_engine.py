@@ -170,7 +170,7 @@ def test_slow_consumer_pauses_only_itself(pipe):
     fast_clips, paused_state, produced, slow_clips = run(with_engine(pipe, fast(max_pending_clips=2), main))
     assert sum(c.num_frames for c in fast_clips) == 80
     assert paused_state is SessionState.PAUSED
-    assert produced == 80 + 3 * 8  # the slow session stopped after 3 undelivered clips (max_pending_clips 2)
+    assert produced == 80 + 8  # the slow session, which has taken nothing yet, stopped after its first clip
     assert len(slow_clips) >= 6
 
 
@@ -296,29 +296,38 @@ def test_a_late_clip_is_a_stall_and_moves_the_viewers_clock(pipe):
 
 
 def test_without_acknowledgements_a_remote_consumer_pauses_its_session(pipe):
+    """A remote consumer that has acknowledged nothing gets its first clip only (a client that never reads costs one
+    clip), then up to max_pending_clips unacknowledged once it acknowledges."""
+
     async def main(engine):
         handle = await engine.start_session(SessionParams(seed=3, steps=2), auto_ack=False)
         it = handle.__aiter__()
-        got = [await it.__anext__() for _ in range(3)]  # max_pending_clips 2: the third is the last made
+        first = await asyncio.wait_for(it.__anext__(), 10)
         await asyncio.sleep(0.5)
-        paused, made = handle.state, engine.stats.frames_generated
-        handle.ack(got[-1].end_frame)
-        more = await asyncio.wait_for(it.__anext__(), 10)
+        probation = handle.state, engine.stats.frames_generated
+        handle.ack(first.end_frame)  # now up to 2 unacknowledged: three more clips, then a pause again
+        more = [await asyncio.wait_for(it.__anext__(), 10) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        window = handle.state, engine.stats.frames_generated
+        handle.ack(more[-1].end_frame)
+        fifth = await asyncio.wait_for(it.__anext__(), 10)
         handle.cancel()
-        return paused, made, more
+        return probation, window, fifth
 
-    paused, made, more = run(with_engine(pipe, fast(max_pending_clips=2), main))
-    assert paused is SessionState.PAUSED and made == 24 and more.first_frame == 24
+    probation, window, fifth = run(with_engine(pipe, fast(max_pending_clips=2), main))
+    assert probation == (SessionState.PAUSED, 8) and window == (SessionState.PAUSED, 32) and fifth.first_frame == 32
 
 
 def test_live_sessions_beyond_real_time_capacity_wait_then_get_server_busy(pipe):
     async def main(engine):
         first = await engine.start_session(SessionParams(seed=4, steps=2))
-        await first.__aiter__().__anext__()
+        reading = asyncio.create_task(collect(first))  # a viewer that keeps up: it keeps its real-time share
+        await asyncio.sleep(0.2)
         second = await engine.start_session(SessionParams(seed=5, steps=2))
         with pytest.raises(SessionFailed) as err:
-            await collect(second)
+            await asyncio.wait_for(collect(second), 10)
         first.cancel()
+        await reading
         return err.value, engine.stats.sessions_total, engine.realtime_capacity(2)
 
     # a target no session can meet: the first live session is served anyway, a second is refused

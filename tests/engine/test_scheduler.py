@@ -204,3 +204,43 @@ def test_cancel_removes_waiting_and_active():
 def test_unknown_pace_is_refused(pace):
     with pytest.raises(ValueError, match="unknown pace"):
         SessionParams(pace=pace)
+
+
+def test_a_paused_live_session_gives_up_its_capacity_and_takes_it_back_only_if_it_fits():
+    # 10 ms a row: one 25-step session is a load of 0.25, so three fit a 0.8 target and four do not
+    sched, _ = make(EngineConfig(max_sessions=8, max_batch=8, realtime_target=0.8, max_pending_clips=1),
+                    {1: 0.01, 8: 0.08})  # fmt: skip
+    ss = sessions(4)
+    start(sched, ss[:3])
+    assert sched.add(ss[3])
+    sched.schedule()
+    assert ss[3].state is SessionState.WAITING
+    for end in (9, 17):  # ss[0]'s client stops acknowledging: it pauses and ss[3] gets its share
+        ss[0].add_unacked(end)
+    sched.schedule()
+    assert ss[0].state is SessionState.PAUSED and ss[3].state is SessionState.PREFILLING
+    ss[3].state = SessionState.GENERATING
+    ss[0].ack(17)  # caught up, but three others hold the capacity now
+    sched.schedule()
+    assert ss[0].state is SessionState.PAUSED
+    ss[1].cancel_requested = True
+    sched.take_cancelled()
+    sched.schedule()
+    assert ss[0].state is SessionState.GENERATING
+
+
+def test_one_clients_sessions_never_evict_each_other():
+    sched, clock = make(EngineConfig(max_sessions=1, max_batch=1, evict_paused_s=5))
+    a, b, c = sessions(3)
+    a.client = b.client = "10.0.0.1"
+    c.client = "10.0.0.2"
+    start(sched, [a])
+    a.add_unacked(9)  # nothing acknowledged: paused after its first clip
+    sched.schedule()
+    assert a.state is SessionState.PAUSED
+    sched.add(b)
+    clock.now += 10
+    assert not sched.schedule().expired  # b is a's own client's: no eviction in its favour
+    sched.add(c)
+    plan = sched.schedule()
+    assert [s for s, _, _ in plan.expired] == [a] and plan.prefill == [c]  # fair admission: c before b
