@@ -87,6 +87,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmark.scenarios import run_benchmarks
 
+    if args.realtime:
+        args.scenarios = "forward,realtime"
+    elif args.steps is None:
+        args.steps = 25
     result = run_benchmarks(args)
     log.info("wrote %s", args.out)
     fwd = result["forward"]
@@ -104,6 +108,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f"{100 * row['fraction_of_compute_floor']:.0f}% of floor, "
             f"{row['peak_memory_per_session_gib']:.2f} GiB/session"
         )
+    if "realtime" in result:
+        rt = result["realtime"]
+        p50, p99 = rt["joining_first_clip_p50_s"], rt["joining_first_clip_p99_s"]
+        print(f"real time ({rt['steps']} steps, {rt['fps']} fps): {rt['sessions_held']} sessions held "
+              f"{rt['held_for_s']:.0f} s with {rt['stalls_in_hold']} stalls (ramp stopped: {rt['ramp_stop']}); "
+              f"joining first clip p50 {p50 or float('nan'):.2f} s, p99 {p99 or float('nan'):.2f} s; "
+              f"{100 * rt['fraction_of_compute_floor']:.0f}% of floor; engine estimate "
+              f"{rt['engine_estimate_sessions']} sessions")  # fmt: skip
     if "table5" in result:
         print(f"80 frames x 100 IDDPM steps: {result['table5']['seconds']:.1f} s")
     return 0
@@ -272,7 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(model=_env("model", "random:XL/2"))
     bench.add_argument("--scenarios", default=_env("scenarios", "check,forward,ar_steps,table5,sessions"))
     bench.add_argument("--sessions", default=_env("sessions", "1,4,16,64"), help="comma-separated session counts")
-    bench.add_argument("--steps", type=int, default=_env("steps", 25, int), help="DDIM steps per chunk")
+    bench.add_argument(
+        "--steps",
+        type=int,
+        default=_env("steps", None, int),
+        help="DDIM steps per chunk (default: 25, or the model's own with --realtime)",
+    )
+    bench.add_argument(
+        "--realtime",
+        action="store_true",
+        help="only the forward and the real-time scenario: viewers held at the playback rate",
+    )
+    bench.add_argument("--hold", type=float, default=_env("hold", 60.0, float), help="real-time hold, seconds")
+    bench.add_argument("--probes", type=int, default=_env("probes", 10, int), help="sessions joining the held load")
     bench.add_argument("--chunks", type=int, default=_env("chunks", 2, int), help="chunks generated per session")
     bench.add_argument("--max-batch", type=int, default=_env("max_batch", 16, int))
     bench.add_argument("--commit", default=_env("commit", None))

@@ -31,6 +31,7 @@ from ca2vdm.server.model import layers
 from ca2vdm.server.model.loader import Pipeline, load_pipeline
 
 from .caches import filled_cache, paged_pool
+from .realtime import realtime_scenario
 from .timing import cuda_sync, fp8_matmul_tflops, git_commit, matmul_tflops, timed_ms
 
 
@@ -237,6 +238,10 @@ def run_benchmarks(args) -> dict:
         result["ar_steps"] = ar_steps_scenario(pipe)
     if "table5" in scenarios:
         result["table5"] = _table5(pipe)
+    if "realtime" in scenarios:
+        result["realtime"] = realtime_scenario(pipe, forward["floor_ms"], steps=args.steps, max_batch=args.max_batch,
+                                               hold_s=args.hold, probes=args.probes)  # fmt: skip
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if "sessions" in scenarios:
         counts = [int(v) for v in args.sessions.split(",")]
         result["sessions"] = []
