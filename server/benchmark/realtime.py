@@ -1,8 +1,9 @@
 """`ca2vdm bench --realtime`: how many viewers the engine keeps at the playback rate without a stall.
 
 1. Ramp: a live viewer (an image-conditioned stream at the model's fps, clips acknowledged as they arrive) joins
-   every `join_every_s` until one stalls (a clip out after its viewer needed it) or the engine refuses one for want
-   of real-time capacity; the candidate is the count before that.
+   every `join_every_s` until one stalls, as its viewer sees it (a player that ran dry, or a joiner without its first
+   clip after FIRST_CLIP_LIMIT_S), or the engine refuses one for want of real-time capacity; the candidate is the
+   count before that.
 2. Hold: the candidate count runs for `hold_s`; a stall sends it one lower and the hold starts again.
 3. While the held load runs, viewers come and go: `probes` times the oldest viewer leaves and a new one joins in
    its place, so the load stays at the count held; the time to first clip of those joiners is the time to first
@@ -26,18 +27,42 @@ from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed
 from ca2vdm.server.engine.session import SessionParams
 from ca2vdm.server.model.loader import Pipeline
 
+FIRST_CLIP_LIMIT_S = 5.0  # a joiner without its first clip by then counts as stalled
+
 
 @dataclass
 class Viewer:
-    """One live stream as its viewer experiences it."""
+    """One live stream as its viewer experiences it: a player that starts with the first generated clip, plays at
+    the model's fps, and when its buffer runs dry waits (a stall) and resumes where it was."""
 
     joined: float
+    fps: int = 8
     first_clip_s: float | None = None
-    frames: int = 0  # generated frames received
-    stalls: int = 0  # clips that came after their due time, once the first was out
+    clock_start: float | None = None  # when the player started, moved on by each stall
+    buffered: int = 0  # generated frames received
+    frames: int = 0  # generated frames received since the last reset
+    stalls: int = 0
     stall_s: float = 0.0
     refused: str | None = None
     task: asyncio.Task | None = field(default=None, repr=False)
+
+    def arrive(self, now: float, num_frames: int) -> None:
+        if self.clock_start is None:
+            self.first_clip_s, self.clock_start = now - self.joined, now
+        else:
+            dry = now - self.clock_start - self.buffered / self.fps  # > 0: the player waited this long
+            if dry > 0:
+                self.stalls += 1
+                self.stall_s += dry
+                self.clock_start += dry
+        self.buffered += num_frames
+        self.frames += num_frames
+
+    def starving(self, now: float) -> bool:
+        """Waiting right now: no first clip after FIRST_CLIP_LIMIT_S, or the buffer has run dry."""
+        if self.clock_start is None:
+            return now - self.joined > FIRST_CLIP_LIMIT_S
+        return now - self.clock_start > self.buffered / self.fps
 
     def reset(self) -> None:
         self.frames, self.stalls, self.stall_s = 0, 0, 0.0
@@ -49,14 +74,20 @@ async def _watch(engine: Engine, params: SessionParams, viewer: Viewer) -> None:
         async for clip in handle:
             if clip.first_frame == 0 and params.image is not None:
                 continue  # the condition image
-            if viewer.first_clip_s is None:
-                viewer.first_clip_s = time.monotonic() - viewer.joined
-            viewer.frames += clip.num_frames
-            if clip.ahead_ms is not None and clip.ahead_ms < 0:
-                viewer.stalls += 1
-                viewer.stall_s += -clip.ahead_ms / 1e3
+            viewer.arrive(time.monotonic(), clip.num_frames)
     except (ServerBusy, SessionFailed) as exc:
         viewer.refused = str(exc)
+
+
+async def _observe(viewers: list[Viewer], seconds: float) -> int:
+    """Watch the viewers for `seconds`; how many were starving at some check (stalls not yet ended count too)."""
+    starving: set[int] = set()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        await asyncio.sleep(0.1)
+        now = time.monotonic()
+        starving |= {id(v) for v in viewers if v.starving(now)}
+    return len(starving)
 
 
 def _params(pipe: Pipeline, steps: int, seed: int) -> SessionParams:
@@ -70,7 +101,7 @@ async def _run(engine: Engine, pipe: Pipeline, steps: int, max_sessions: int, jo
     viewers: list[Viewer] = []
 
     def join(seed: int) -> Viewer:
-        v = Viewer(joined=time.monotonic())
+        v = Viewer(joined=time.monotonic(), fps=pipe.config.fps)
         v.task = asyncio.create_task(_watch(engine, _params(pipe, steps, seed), v))
         viewers.append(v)
         return v
@@ -79,8 +110,8 @@ async def _run(engine: Engine, pipe: Pipeline, steps: int, max_sessions: int, jo
     ramp, stop_reason = [], "max_sessions"
     for n in range(1, max_sessions + 1):
         join(n)
-        await asyncio.sleep(join_every_s)
-        stalled = sum(v.stalls for v in viewers)
+        starving = await _observe(viewers, join_every_s)
+        stalled = sum(v.stalls for v in viewers) + starving
         refused = [v for v in viewers if v.refused]
         ramp.append({"sessions": n, "stalls": stalled, "refused": len(refused)})
         if stalled or refused:
@@ -100,18 +131,20 @@ async def _run(engine: Engine, pipe: Pipeline, steps: int, max_sessions: int, jo
         done_frames: list[int] = []  # frames of viewers that left during the hold
         start = time.monotonic()
         joiners: list[Viewer] = []
+        starving = 0
         for i in range(probes):
-            await asyncio.sleep(hold_s / (probes + 1))
+            starving += await _observe(viewers, hold_s / (probes + 1))
             leaving = viewers.pop(0)
             leaving.task.cancel()  # type: ignore[union-attr]
             await asyncio.gather(leaving.task, return_exceptions=True)  # type: ignore[arg-type]
             gone_frames = leaving.frames
             joiners.append(join(10_000 * (len(holds) + 1) + i))
             done_frames.append(gone_frames)
-        await asyncio.sleep(max(0.0, hold_s - (time.monotonic() - start)))
+        starving += await _observe(viewers, max(0.0, hold_s - (time.monotonic() - start)))
+        starving += sum(v.first_clip_s is None for v in viewers)  # never started
         wall = time.monotonic() - start
         probe_ttfc = [v.first_clip_s for v in joiners if v.first_clip_s is not None]
-        row = {"sessions": k, "hold_s": wall, "stalls": sum(v.stalls for v in viewers),
+        row = {"sessions": k, "hold_s": wall, "stalls": sum(v.stalls for v in viewers) + starving,
                "stall_s": sum(v.stall_s for v in viewers), "frames": sum(v.frames for v in viewers) + sum(done_frames),
                "joiners": len(joiners), "joining_first_clip_s": probe_ttfc}  # fmt: skip
         holds.append(row)
