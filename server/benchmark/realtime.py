@@ -2,8 +2,8 @@
 
 1. Ramp: a live viewer (an image-conditioned stream at the model's fps, clips acknowledged as they arrive) joins
    every `join_every_s` until one stalls, as its viewer sees it (a player that ran dry, or a joiner without its first
-   clip after FIRST_CLIP_LIMIT_S), or the engine refuses one for want of real-time capacity; the candidate is the
-   count before that.
+   clip after FIRST_CLIP_LIMIT_S), or the engine does not admit one within the interval for want of real-time
+   capacity; the candidate is the count before that.
 2. Hold: the candidate count runs for `hold_s`; a stall sends it one lower and the hold starts again.
 3. While the held load runs, viewers come and go: `probes` times the oldest viewer leaves and a new one joins in
    its place, so the load stays at the count held; the time to first clip of those joiners is the time to first
@@ -113,9 +113,10 @@ async def _run(engine: Engine, pipe: Pipeline, steps: int, max_sessions: int, jo
         starving = await _observe(viewers, join_every_s)
         stalled = sum(v.stalls for v in viewers) + starving
         refused = [v for v in viewers if v.refused]
-        ramp.append({"sessions": n, "stalls": stalled, "refused": len(refused)})
-        if stalled or refused:
-            stop_reason = "stall" if stalled else f"refused: {refused[0].refused}"
+        waiting = engine.num_waiting  # a joiner not admitted within the interval: no real-time capacity left
+        ramp.append({"sessions": n, "stalls": stalled, "refused": len(refused), "waiting": waiting})
+        if stalled or refused or waiting:
+            stop_reason = "stall" if stalled else "not admitted" if waiting else f"refused: {refused[0].refused}"
             break
     k = max(1, len(viewers) - 1) if stop_reason != "max_sessions" else len(viewers)
 
@@ -148,7 +149,7 @@ async def _run(engine: Engine, pipe: Pipeline, steps: int, max_sessions: int, jo
                "stall_s": sum(v.stall_s for v in viewers), "frames": sum(v.frames for v in viewers) + sum(done_frames),
                "joiners": len(joiners), "joining_first_clip_s": probe_ttfc}  # fmt: skip
         holds.append(row)
-        if row["stalls"] == 0 or k == 1 or len(holds) == 3:
+        if row["stalls"] == 0 or k == 1 or len(holds) == 4:
             break
         k -= 1
     for v in viewers:
