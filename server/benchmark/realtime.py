@@ -69,6 +69,7 @@ class Viewer:
 
 
 async def _watch(engine: Engine, params: SessionParams, viewer: Viewer) -> None:
+    handle = None
     try:
         handle = await engine.start_session(params)
         async for clip in handle:
@@ -77,6 +78,9 @@ async def _watch(engine: Engine, params: SessionParams, viewer: Viewer) -> None:
             viewer.arrive(time.monotonic(), clip.num_frames)
     except (ServerBusy, SessionFailed) as exc:
         viewer.refused = str(exc)
+    finally:
+        if handle is not None:  # a viewer who leaves ends its session at once (as a closed websocket does)
+            handle.cancel()
 
 
 async def _observe(viewers: list[Viewer], seconds: float) -> int:

@@ -91,6 +91,8 @@ def load_pipeline(
     if precision not in ("auto", "bf16", "fp8"):
         raise ValueError(f"unknown precision {precision!r}: auto, bf16 or fp8")
     dev = resolve_device(device)
+    if spec in ("", "default"):  # the packaged model by name (how /v1/models and the logs call it)
+        spec = None
     name = spec or "default"  # what /v1/models and the logs call it
     if spec is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
