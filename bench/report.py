@@ -92,6 +92,38 @@ def table() -> str:
                     name,
                 )
             )
+    rt = _load("realtime_h200.json")
+    b, f = rt["summary"]["bf16"], rt["summary"]["fp8"]
+    rows.append(
+        (
+            "live viewers held at 8 fps with zero stalls, XL/2 25 DDIM steps, bf16 / fp8 (joining first clip p50)",
+            f"{b['sessions_held']} / {f['sessions_held']} ({b['joining_first_clip_p50_s']:.2f} / "
+            f"{f['joining_first_clip_p50_s']:.2f} s; {100 * b['fraction_of_compute_floor']:.0f}% of floor)",
+            rt["card"],
+            "realtime_h200.json",
+        )
+    )
+    cpu = _load("realtime_cpu.json")["summary"]
+    rows.append(
+        (
+            "live viewers of the default model held at 8 fps (stall seconds a minute; joining first clip p50)",
+            f"{cpu['sessions_held_with_micro_stalls']} ({cpu['stall_s_per_minute']:.2f} s; "
+            f"{cpu['joining_first_clip_p50_s']:.2f} s)",
+            "cpu, 2 cores",
+            "realtime_cpu.json",
+        )
+    )
+    hostile = _load("hostile_load_cpu.json")
+    u, lo = hostile["unloaded"]["realtime"], hostile["loaded"]["realtime"]
+    rows.append(
+        (
+            "a live viewer under a mixed hostile load: first clip, frames/s (unloaded -> loaded); /healthz p99",
+            f"{u['first_clip_s']:.2f} -> {lo['first_clip_s']:.2f} s, {u['frames_per_s']:.1f} -> "
+            f"{lo['frames_per_s']:.1f}; {hostile['loaded']['healthz_ms_p99']:.0f} ms",
+            "cpu, 2 cores",
+            "hostile_load_cpu.json",
+        )
+    )
     train = _load("train_small_sprites_h200.json")
     ev = train["eval"]
     chain = _load("train_small_sprites_h100.json")["runs"] + train["runs"]  # the chain began on the H100
