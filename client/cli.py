@@ -40,6 +40,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _seed(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -63,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--frames", type=_positive, required=frames_required,
                        help="frames to generate" + ("" if frames_required else " (default: until Ctrl-C)"))  # fmt: skip
 
-    p = sub.add_parser("stream", help="stream a video over the websocket into a fragmented MP4")
+    p = sub.add_parser("stream", help="stream a video over the websocket into a fragmented MP4 (resumes drops)")
     generation_flags(p, frames_required=False)
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (fragmented)")
+    p.add_argument("--max-reconnects", type=_count, default=10,
+                   help="times a dropped connection is resumed, in all (default 10; 0: never)")  # fmt: skip
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("submit", help="submit a video job; prints the job JSON")
@@ -187,6 +196,10 @@ async def _stream(args: argparse.Namespace) -> int:
         else:
             main_task.cancel()
 
+    def on_reconnect(attempt: int, delay: float, error: ClientError) -> None:
+        tqdm.write(f"connection lost ({error}); resuming at frame {received} in {delay:.1f} s "
+                   f"(attempt {attempt}/{args.max_reconnects})", file=sys.stderr)  # fmt: skip
+
     out = args.out / "stream.mp4" if args.out.is_dir() else args.out
     part = _PartFile(out)
     uninstall = _install_sigint(on_sigint)
@@ -197,8 +210,10 @@ async def _stream(args: argparse.Namespace) -> int:
     aborted = False
     recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=8)
     try:
+        # a dropped connection is resumed inside: the clips stay contiguous, so the file is as if uninterrupted
         events = client.stream(image=args.image, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                               num_frames=args.frames, format="fmp4")  # fmt: skip
+                               num_frames=args.frames, format="fmp4", resume=args.max_reconnects > 0,
+                               max_reconnects=args.max_reconnects, on_reconnect=on_reconnect)  # fmt: skip
         async with aclosing(events):
             async for event in events:
                 if isinstance(event, Ready):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 from urllib.parse import urlsplit
 
@@ -28,6 +29,14 @@ _LOOPBACK = ("localhost", "127.0.0.1", "::1", "[::1]")
 def _matches(settings: Settings, given: str | None) -> bool:
     assert settings.api_key is not None
     return given is not None and hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode())
+
+
+def key_fingerprint(settings: Settings) -> str | None:
+    """Who a session belongs to, for resuming it: a hash of the API key (None when no key is configured). A resume
+    token only works with the key it was issued under, so a rotated key also retires the old tokens."""
+    if settings.api_key is None:
+        return None
+    return hashlib.sha256(b"ca2vdm-resume:" + settings.api_key.get_secret_value().encode()).hexdigest()[:32]
 
 
 def bearer(headers: Headers) -> str | None:

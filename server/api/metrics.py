@@ -49,6 +49,17 @@ class EngineCollector:
         yield GaugeMetricFamily("ca2vdm_realtime_capacity_sessions",
                                 "Live sessions at the model's default steps the engine estimates it keeps in real time",
                                 value=e.realtime_capacity())  # fmt: skip
+        yield GaugeMetricFamily("ca2vdm_sessions_detached", "Sessions whose client left, holding cache pages",
+                                value=e.num_detached)  # fmt: skip
+        yield GaugeMetricFamily("ca2vdm_sessions_resumable", "Sessions kept in host memory for a rebuilt resume",
+                                value=e.num_resumable)  # fmt: skip
+        resumes = CounterMetricFamily("ca2vdm_resumes", "Sessions resumed, by kind", labels=["kind"])
+        for kind, n in stats.resumes.items():
+            resumes.add_metric([kind], n)
+        yield resumes
+        yield CounterMetricFamily("ca2vdm_resume_expired", "Detached sessions dropped without a resume",
+                                  value=stats.resume_expired)  # fmt: skip
+        yield _histogram("ca2vdm_resume_seconds", "Resume message to the first clip sent", stats.resume_seconds)
         if self.jobs is not None:
             jobs = GaugeMetricFamily("ca2vdm_jobs", "REST video jobs by status", labels=["status"])
             for status, n in self.jobs.count_by_status().items():

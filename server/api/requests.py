@@ -28,7 +28,7 @@ from ca2vdm.server.engine.session import SessionParams
 from ca2vdm.server.media import load_image
 from ca2vdm.server.model.loader import Pipeline
 
-from .schemas import StartMessage, VideoRequest, describe
+from .schemas import FirstMessage, ResumeMessage, VideoRequest, describe
 from .settings import Settings
 
 INLINE_BYTES = 64 * 2**10  # JSON at most this long is parsed on the event loop (well under a millisecond)
@@ -101,9 +101,12 @@ class RequestDecoder:
         return await self._offload(_decode_image, data, self.pipe.frame_size, s.max_image_bytes, s.max_image_pixels,
                                    s.max_image_aspect)  # fmt: skip
 
-    async def stream_params(self, text: str) -> tuple[SessionParams, bool]:
-        """A websocket start message -> (engine parameters, whether num_frames was capped at max_frames)."""
-        msg = await self._parse(StartMessage, text)
+    async def stream_request(self, text: str) -> tuple[SessionParams, bool] | ResumeMessage:
+        """A websocket's first message: `start` -> (engine parameters, whether num_frames was capped at max_frames);
+        `resume` -> the message."""
+        msg = (await self._parse(FirstMessage, text)).root
+        if isinstance(msg, ResumeMessage):
+            return msg
         image = await self._image(msg.image)
         capped = msg.num_frames is None
         num_frames = self.settings.max_frames if capped else msg.num_frames
@@ -141,7 +144,7 @@ def _validate(model: type[M], text: str | bytes) -> M:
 
 
 def _noun(model: type[BaseModel]) -> str:
-    return "start message" if model is StartMessage else "request"
+    return "start message" if model is FirstMessage else "request"
 
 
 def _decode_image(data: str, size: tuple[int, int], max_bytes: int, max_pixels: int, max_aspect: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, TypeAdapter, ValidationError
 
 from ca2vdm.server.engine.session import PACES
 from ca2vdm.server.media import FORMATS
@@ -31,6 +31,20 @@ class StartMessage(BaseModel):
     num_frames: int | None = Field(None, ge=1)
     format: FormatName = "fmp4"
     pace: PaceName = "realtime"
+
+
+class ResumeMessage(BaseModel):
+    """First websocket message of a reconnecting client: the session's `resume_token`, and the first frame it lacks."""
+
+    model_config = _STRICT
+
+    type: Literal["resume"]
+    token: str = Field(min_length=1, max_length=128)
+    from_frame: int = Field(ge=0)
+
+
+class FirstMessage(RootModel[Annotated[StartMessage | ResumeMessage, Field(discriminator="type")]]):
+    """What opens a stream: `start` or `resume`."""
 
 
 class StopMessage(BaseModel):

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     admission_wait_s: float = Field(10.0, gt=0)  # a live session without real-time capacity that long: server_busy
     encode_workers: int = Field(2, ge=1)  # threads encoding clips off the engine thread
     cuda_graphs: bool = True  # replay the denoising forward and the cache write as CUDA graphs (CUDA only)
+    # resuming (a stream whose connection dropped)
+    resume_grace_s: float = Field(30.0, ge=0)  # a detached session keeps its cache pages this long (exact resume)
+    max_detached_sessions: int = Field(8, ge=0)  # detached sessions holding pages at once (oldest unloaded first)
+    resume_keep_s: float = Field(900.0, ge=0)  # an unloaded session stays resumable (rebuilt cache) this long
+    max_resumable_sessions: int = Field(256, ge=0)  # unloaded sessions kept, in memory and across restarts
     # requests
     max_frames: int = Field(100_000, ge=1)  # per request; a stream with num_frames null ends there too
     max_steps: int = Field(1000, ge=1)
@@ -98,4 +103,5 @@ class Settings(BaseSettings):
 
     def engine_config(self) -> EngineConfig:
         names = [n for n in EngineConfig.__dataclass_fields__ if n in type(self).model_fields]
-        return EngineConfig(**{n: getattr(self, n) for n in names})
+        resume_dir = str(self.data_dir / "sessions")  # resumable sessions across a graceful restart
+        return EngineConfig(**{n: getattr(self, n) for n in names}, resume_dir=resume_dir)

@@ -11,6 +11,9 @@ when large (`RequestDecoder`); after start only small control messages are accep
 at a bounded rate; a session produces at most `max_pending_clips` clips beyond the client's acknowledgements, and one
 whose client stops acknowledging is paused and then ended (the engine's slow-consumer rule). Every exception in a
 handler ends in a documented error, never in a silent drop.
+
+A connection that drops (neither `stop` nor the end of the stream) detaches its session instead of cancelling it;
+a `resume` first message continues it on a new connection (DESIGN.md, item 7).
 """
 
 from __future__ import annotations
@@ -23,18 +26,20 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed, SessionHandle
+from ca2vdm.server.engine.stats import Histogram
 
-from .auth import key_is_valid, offered_subprotocol, origin_allowed
+from .auth import key_fingerprint, key_is_valid, offered_subprotocol, origin_allowed
 from .clients import ClientGuard
 from .requests import Reject, RequestDecoder
-from .schemas import AckMessage, ControlMessage, StopMessage, describe
+from .schemas import AckMessage, ControlMessage, ResumeMessage, StopMessage, describe
 from .settings import Settings
 
 log = logging.getLogger("ca2vdm.api")
 router = APIRouter()
 
-CLOSE_CODES = {"invalid_request": 1008, "unauthorized": 1008, "slow_consumer": 1008, "server_busy": 1013,
-               "internal": 1011}  # fmt: skip
+CLEAN_CLOSE = (1000, 1001)  # close codes of a client that left on purpose
+CLOSE_CODES = {"invalid_request": 1008, "unauthorized": 1008, "slow_consumer": 1008, "expired": 1008,
+               "replaced": 1008, "server_busy": 1013, "internal": 1011}  # fmt: skip
 
 
 async def _fail(ws: WebSocket, code: str, message: str) -> None:
@@ -61,11 +66,22 @@ async def _read_start(ws: WebSocket, settings: Settings) -> str:
 class _Stream:
     """One running stream: sends clips, reads the client's control messages."""
 
-    def __init__(self, ws: WebSocket, handle: SessionHandle, settings: Settings) -> None:
+    def __init__(self, ws: WebSocket, handle: SessionHandle, settings: Settings,
+                 resumed: tuple[float, Histogram] | None = None) -> None:  # fmt: skip
         self.ws, self.handle, self.settings = ws, handle, settings
-        self.frames_sent = 0
+        self.frames_sent = handle.info.first_frame
         self.acked = False  # has the client acknowledged anything
         self.violation: Reject | None = None
+        self.left = False  # the connection dropped: the session is detached, not cancelled
+        self.closed = False  # the client closed the connection on purpose: the session is cancelled
+        self.resumed = resumed  # (when the resume message came, the histogram of resume latencies)
+
+    def end_session(self) -> None:
+        """Detach the session if the client left, else cancel it (a no-op once it has ended)."""
+        if self.left:
+            self.handle.detach()
+        else:
+            self.handle.cancel()
 
     async def send_clips(self) -> int:
         async for clip in self.handle:
@@ -77,6 +93,9 @@ class _Stream:
             await self.ws.send_json(header)
             for media in clip.media:
                 await self.ws.send_bytes(media)
+            if self.resumed is not None:
+                self.resumed[1].observe(time.monotonic() - self.resumed[0])
+                self.resumed = None
         return self.frames_sent
 
     async def watch_client(self) -> None:
@@ -87,6 +106,10 @@ class _Stream:
             while True:
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
+                    # a close frame of 1000/1001 is a client that meant to leave (a page closed): cancel; anything
+                    # else (1006: the connection died, a network switch, a proxy's timeout) detaches for a resume
+                    self.closed = message.get("code", 1006) in CLEAN_CLOSE
+                    self.left = not self.closed
                     return
                 now = time.monotonic()
                 tokens = min(2 * s.max_control_rate, tokens + (now - last) * s.max_control_rate) - 1
@@ -114,7 +137,9 @@ class _Stream:
             log.exception("websocket reader failed")
             self.violation = Reject("internal", f"reading the client failed: {type(exc).__name__}")
         finally:
-            self.handle.cancel()
+            self.end_session()
+            if self.left:
+                self.handle.end()  # the sender stops waiting for clips
 
 
 @router.websocket("/v1/stream")
@@ -131,20 +156,30 @@ async def stream(ws: WebSocket) -> None:
     if not key_is_valid(settings, ws.headers, ws.query_params.get("api_key"), websocket=True):
         await _fail(ws, "unauthorized", "missing or wrong API key")
         return
+    owner = key_fingerprint(settings)
     try:
         with guard.hold(client):
+            resumed = None
             try:
-                params, capped = await decoder.stream_params(await _read_start(ws, settings))
-                handle = await engine.start_session(params, auto_ack=False, client=client)
-            except Reject as exc:
-                if exc.code == "invalid_request":
+                request = await decoder.stream_request(await _read_start(ws, settings))
+                if isinstance(request, ResumeMessage):
+                    resumed = (time.monotonic(), engine.stats.resume_seconds)
+                    handle = await engine.resume(request.token, request.from_frame, owner=owner, auto_ack=False,
+                                                 client=client)  # fmt: skip
+                    capped = handle.session.params.num_frames == settings.max_frames
+                else:
+                    params, capped = request
+                    handle = await engine.start_session(params, auto_ack=False, client=client, resumable=True,
+                                                        owner=owner)  # fmt: skip
+            except (Reject, SessionFailed) as exc:
+                if exc.code == "invalid_request":  # guessing tokens counts too
                     guard.strike(client)
                 await _fail(ws, exc.code, str(exc))
                 return
             except ServerBusy as exc:
                 await _fail(ws, "server_busy", str(exc))
                 return
-            if strikes := await _serve(ws, handle, settings, capped):
+            if strikes := await _serve(ws, handle, settings, capped, resumed):
                 guard.strike(client, strikes)
     except Reject as exc:  # the address holds too many streams
         await _fail(ws, exc.code, str(exc))
@@ -158,18 +193,23 @@ async def stream(ws: WebSocket) -> None:
 NEVER_READ_STRIKES = 5  # a stream ended for a client that never acknowledged a clip: not a viewer
 
 
-async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, capped: bool) -> int:
-    """Run the stream to its end; the strikes its client earned (protocol violations, not reading)."""
-    stream = _Stream(ws, handle, settings)
+async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, capped: bool,
+                 resumed: tuple[float, Histogram] | None = None) -> int:  # fmt: skip
+    """Run the stream to its end (or until the client leaves); the strikes its client earned (protocol violations,
+    not reading)."""
+    stream = _Stream(ws, handle, settings, resumed)
     watcher = asyncio.create_task(stream.watch_client())
     info = handle.info
     try:
         await ws.send_json({"type": "ready", "session_id": info.session_id, "width": info.width, "height": info.height,
                             "fps": info.fps, "chunk_frames": info.chunk_frames, "format": info.format,
-                            "mime": info.mime})  # fmt: skip
+                            "mime": info.mime, "resume_token": info.resume_token,
+                            "first_frame": info.first_frame})  # fmt: skip
         if info.init_segment is not None:
             await ws.send_bytes(info.init_segment)
         frames = await stream.send_clips()
+        if stream.left:
+            return 0
         if stream.violation is not None:
             await _fail(ws, stream.violation.code, str(stream.violation))
             return int(stream.violation.code == "invalid_request")
@@ -182,9 +222,9 @@ async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, cappe
         await _fail(ws, exc.code, str(exc))
         if exc.code == "slow_consumer":  # a client that stops reading counts against its address too
             return 1 if stream.acked else NEVER_READ_STRIKES
-    except (WebSocketDisconnect, RuntimeError, OSError):  # client gone mid-stream: the session is cancelled below
-        pass
+    except (WebSocketDisconnect, RuntimeError, OSError):  # client gone mid-stream: the session is detached below
+        stream.left = not stream.closed
     finally:
-        handle.cancel()
+        stream.end_session()
         watcher.cancel()
     return 0

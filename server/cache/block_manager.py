@@ -56,12 +56,16 @@ class BlockManager:
 
 @dataclass
 class StreamPages:
-    """One stream's pages: the queue as a ring (frame n sits in slot n % max_frames) and its prefix pages."""
+    """One stream's pages: the queue as a ring (frame n sits in slot (n - base) % max_frames) and its prefix pages.
+
+    `base` is the absolute index of the stream's first written frame: 0, or for a stream rebuilt from a kept
+    history (a resumed session) the index of the oldest frame it kept, so that positions go on counting."""
 
     max_frames: int
     ring: list[int] = field(default_factory=list)  # grows to max_frames, then slots are replaced
     num_written: int = 0  # frames written so far (the next frame's absolute index)
     prefix: list[int] = field(default_factory=list)  # prefix page per prefix slot ([] before any write)
+    base: int = 0
 
     @property
     def num_cached(self) -> int:
@@ -90,8 +94,9 @@ class PageManager:
         self.num_prefix = num_prefix
         self.max_frames = max_frames
 
-    def new_stream(self) -> StreamPages:
-        return StreamPages(max_frames=self.max_frames)
+    def new_stream(self, first_frame: int = 0) -> StreamPages:
+        """An empty stream whose first write holds frame `first_frame` (a rebuilt stream: not 0)."""
+        return StreamPages(max_frames=self.max_frames, num_written=first_frame, base=first_frame)
 
     def release(self, stream: StreamPages) -> None:
         """Give back all of a stream's pages (cancel, disconnect, finish)."""
@@ -106,13 +111,14 @@ class PageManager:
         plan = WritePlan(num_frames)
         try:
             for st in streams:
-                grow = max(0, min(st.num_written + num_frames, self.max_frames) - st.num_written)
+                written = st.num_written - st.base
+                grow = max(0, min(written + num_frames, self.max_frames) - written)
                 fresh = self.temporal.allocate(grow)
                 plan.fresh += fresh
                 fresh_iter = iter(fresh)
                 plan.pages.append([
                     st.ring[n % self.max_frames] if n >= self.max_frames else next(fresh_iter)
-                    for n in range(st.num_written, st.num_written + num_frames)
+                    for n in range(written, written + num_frames)
                 ])  # fmt: skip
                 prefix = st.prefix or self.prefix.allocate(self.num_prefix)
                 if not st.prefix:
@@ -128,7 +134,7 @@ class PageManager:
         assert len(streams) == len(plan.pages), "a plan for other streams"
         for st, targets, prefix in zip(streams, plan.pages, plan.prefix_pages, strict=True):
             for i, page in enumerate(targets):
-                n = st.num_written + i
+                n = st.num_written - st.base + i
                 if n < self.max_frames:
                     st.ring.append(page)
                 else:

@@ -24,6 +24,12 @@ class EngineConfig:
     deadline_margin_s: float = 0.25  # a clip counts as due this long before its viewer needs it
     realtime_target: float = 0.9  # share of the measured throughput admission may promise to live sessions
     admission_wait_s: float = 10.0  # a live session that finds no real-time capacity this long gets server_busy
+    # resuming (sessions whose consumer's connection dropped)
+    resume_grace_s: float = 30.0  # a detached session keeps its cache pages this long (an exact resume)
+    max_detached_sessions: int = 8  # at most this many hold pages while detached (the oldest is unloaded first)
+    resume_keep_s: float = 900.0  # an unloaded session stays resumable (rebuilt) this long
+    max_resumable_sessions: int = 256  # at most this many unloaded sessions are kept (the oldest dropped first)
+    resume_dir: str | None = None  # resumable sessions are saved here at stop() and read back at start()
     cuda_graphs: bool = True  # replay the forwards as CUDA graphs (on CUDA devices)
 
     def __post_init__(self) -> None:
@@ -38,5 +44,9 @@ class EngineConfig:
                  self.max_background_step_s)  # fmt: skip
         if min(times) <= 0 or self.deadline_margin_s < 0:
             raise ValueError("max_paused_s, evict_paused_s, max_lead_s and admission_wait_s must be > 0")
+        if self.max_detached_sessions < 0 or self.max_resumable_sessions < 0:
+            raise ValueError("max_detached_sessions and max_resumable_sessions must be >= 0")
+        if self.resume_grace_s < 0 or self.resume_keep_s < 0:
+            raise ValueError("resume_grace_s and resume_keep_s must be >= 0")
         if not 0 < self.realtime_target <= 1:
             raise ValueError("realtime_target must be in (0, 1]")

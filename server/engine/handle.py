@@ -18,7 +18,8 @@ class ServerBusy(RuntimeError):
 
 
 class SessionFailed(RuntimeError):
-    """The session ended with an error; `code` is the API's error code (internal, slow_consumer, server_busy)."""
+    """The session ended (or a resume was refused) with an error; `code` is the API's error code (internal,
+    slow_consumer, server_busy, replaced; for a resume also invalid_request and expired)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -35,6 +36,8 @@ class StreamInfo:
     format: str
     mime: str | None
     init_segment: bytes | None
+    resume_token: str | None = None  # resumable sessions: what a reconnecting consumer presents
+    first_frame: int = 0  # the first frame this handle delivers (0, or where a resume starts)
 
 
 DONE = object()  # the event that ends a handle's iteration
@@ -60,6 +63,10 @@ class SessionHandle:
         return self._session.id
 
     @property
+    def session(self) -> Session:
+        return self._session
+
+    @property
     def state(self) -> SessionState:
         return self._session.state
 
@@ -74,7 +81,20 @@ class SessionHandle:
         self._engine.wake()
 
     def cancel(self) -> None:
-        self._engine.cancel(self._session)
+        """End the session (if this handle is still its consumer's: see `Engine.cancel`)."""
+        self._engine.cancel(self._session, handle=self)
+
+    def end(self) -> None:
+        """End this handle's iteration (its consumer left; the session itself goes on, detached)."""
+        self.deliver(DONE)
+
+    def detach(self) -> None:
+        """The consumer left without stopping: the engine keeps the session for a resume (resumable sessions; others
+        are cancelled)."""
+        if self.info.resume_token is None:
+            self.cancel()
+        else:
+            self._engine.detach(self)
 
     async def __aiter__(self) -> AsyncIterator[Clip]:
         while True:

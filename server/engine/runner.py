@@ -43,6 +43,26 @@ class GenerationState:
     generator: torch.Generator
     x: Tensor  # (1, C, T, h, w) latents of the chunk being denoised
     step: int  # next denoising index, counting down; -1: the chunk is finished
+    history: list[Tensor]  # the latents written to the cache, chunk by chunk: at least the last max_cache_frames
+
+    def remember(self, written: Tensor, max_frames: int) -> None:
+        """Keep a written chunk (1, C, T, h, w), and drop chunks that no longer hold any of the last `max_frames`."""
+        self.history.append(written)
+        total = sum(h.shape[2] for h in self.history)
+        while total - self.history[0].shape[2] >= max_frames:
+            total -= self.history.pop(0).shape[2]
+
+
+@dataclass(eq=False)
+class HostState:
+    """A session's generation without pages (an unloaded session, or one saved to disk): enough to rebuild its cache
+    with one write and go on drawing the same noise. Tensors on the CPU."""
+
+    history: Tensor  # (1, C, N, h, w): the last N <= max_cache_frames latents written, as they were written
+    first_frame: int  # absolute index of the history's first frame
+    x: Tensor  # (1, C, T, h, w) the chunk in flight
+    step: int
+    generator: Tensor  # the noise generator's state
 
 
 class PhaseTimer:
@@ -92,7 +112,9 @@ class ModelRunner:
         self.pool = KVPool.for_sessions(mc, config.max_sessions, cfg.max_cache_frames, pipe.device, dtype)
         self.pages = PageManager(self.pool.num_pages, self.pool.num_prefix_pages, mc.prefix_frames,
                                  cfg.max_cache_frames)  # fmt: skip
+        self.max_cache_frames = cfg.max_cache_frames
         self.states: dict[str, GenerationState] = {}
+        self.unloaded: dict[str, HostState] = {}  # sessions without pages that a prefill rebuilds
         self._samplers: dict[tuple[str, int], tuple[Sampler, list[int]]] = {}
         self.graphs: GraphedDenoiser | None = None
         self.writer: GraphedWriter | None = None
@@ -175,8 +197,17 @@ class ModelRunner:
 
     @torch.no_grad()
     def prefill(self, sessions: list[Session]) -> list[Tensor | None]:
-        """Write each session's condition frame (its image, or the <BOV> frame) into a fresh stream.
-        Returns frame 0 (1, H, W, 3) uint8 on the CPU for sessions with an image, else None."""
+        """Write each session's condition frame (its image, or the <BOV> frame) into a fresh stream, or for an
+        unloaded session rebuild its cache from its kept history (`rebuild`). Returns frame 0 (1, H, W, 3) uint8 on
+        the CPU for new sessions with an image, else None."""
+        fresh = [s for s in sessions if s.id not in self.unloaded]
+        for s in sessions:
+            if s.id in self.unloaded:
+                self.rebuild(s)
+        frame0 = dict(zip(fresh, self._prefill(fresh), strict=True)) if fresh else {}
+        return [frame0.get(s) for s in sessions]
+
+    def _prefill(self, sessions: list[Session]) -> list[Tensor | None]:
         dev = self.pipe.device
         streams = [self.pages.new_stream() for _ in sessions]
         samplers = [self._sampler(s.params.sampler, s.params.steps) for s in sessions]
@@ -194,10 +225,49 @@ class ModelRunner:
         x = torch.cat([perturb_for_cache(f, sampler, self.perturb_t, gen)
                        for f, (sampler, _), gen in zip(firsts, samplers, generators, strict=True)])  # fmt: skip
         self._write(streams, x)  # may raise OutOfPages: no state is registered before it succeeded
-        for s, st, (sampler, timesteps), gen in zip(sessions, streams, samplers, generators, strict=True):
+        for i, (s, st, (sampler, timesteps), gen) in enumerate(zip(sessions, streams, samplers, generators,
+                                                                   strict=True)):  # fmt: skip
             self.states[s.id] = GenerationState(st, sampler, timesteps, gen, self._chunk_noise(gen),
-                                                step=sampler.num_steps - 1)  # fmt: skip
+                                                step=sampler.num_steps - 1, history=[x[i : i + 1]])  # fmt: skip
         return frame0
+
+    # ---- unloading and rebuilding (resumed sessions) ------------------------------------------------------
+
+    def host_state(self, session: Session) -> HostState:
+        """The session's generation as host tensors (for unloading, or saving it to disk)."""
+        if session.id in self.unloaded:
+            return self.unloaded[session.id]
+        g = self.states[session.id]
+        history = torch.cat(g.history, dim=2)[:, :, -self.max_cache_frames :]
+        return HostState(history=history.cpu(), first_frame=g.pages.num_written - history.shape[2], x=g.x.cpu(),
+                         step=g.step, generator=g.generator.get_state())  # fmt: skip
+
+    def unload(self, session: Session) -> None:
+        """Free the session's pages and keep its generation in host memory (a later prefill rebuilds it)."""
+        if session.id in self.states:
+            state = self.host_state(session)
+            self.release(session)
+            self.unloaded[session.id] = state
+
+    def rebuild(self, session: Session) -> None:
+        """Give an unloaded session pages again: its kept history goes into a fresh stream, positioned where it was,
+        in one write (the write's temporal attention is causal, so before the queue ever dequeued this is the cache
+        the session had, up to float rounding; after, the oldest kept frames no longer see the dequeued ones)."""
+        dev = self.pipe.device
+        h = self.unloaded[session.id]
+        sampler, timesteps = self._sampler(session.params.sampler, session.params.steps)
+        stream = self.pages.new_stream(first_frame=h.first_frame)
+        history = h.history.to(dev)
+        self.model.write(PagedKVCache(self.pool, self.pages, [stream]), history)  # may raise OutOfPages
+        generator = torch.Generator(dev)
+        generator.set_state(h.generator)
+        self.states[session.id] = GenerationState(stream, sampler, timesteps, generator, h.x.to(dev), h.step,
+                                                  history=[history])  # fmt: skip
+        del self.unloaded[session.id]
+
+    def restore(self, session: Session, state: HostState) -> None:
+        """Register a saved session (read back from disk) as unloaded: its next prefill rebuilds it."""
+        self.unloaded[session.id] = state
 
     @torch.no_grad()
     def denoise(self, sessions: list[Session]) -> list[Session]:
@@ -245,11 +315,17 @@ class ModelRunner:
         with self.timer("write", len(sessions)):
             clean = torch.cat([perturb_for_cache(g.x, g.sampler, self.perturb_t, g.generator) for g in gens])
             self._write([g.pages for g in gens], clean)
-        for g in gens:
+        for i, g in enumerate(gens):
+            g.remember(clean[i : i + 1], self.max_cache_frames)
             g.x, g.step = self._chunk_noise(g.generator), g.sampler.num_steps - 1
+
+    def steps_left(self, session: Session) -> int:
+        """Denoising steps left in the session's chunk in flight."""
+        return self.states[session.id].step + 1
 
     def release(self, session: Session) -> None:
         """Give the session's pages back to the pool and drop its tensors (a no-op for a session never prefilled)."""
+        self.unloaded.pop(session.id, None)
         g = self.states.pop(session.id, None)
         if g is not None:
             self.pages.release(g.pages)

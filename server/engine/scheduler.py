@@ -24,6 +24,11 @@ the fewest active sessions first, then the oldest. The engine ends
 (`StepPlan.expired`) a live session that found no capacity for `admission_wait_s` (server_busy, with a retry hint),
 and a session paused for `max_paused_s`, or for `evict_paused_s` while a session of another client waits
 (slow_consumer).
+
+Detached sessions (their consumer's connection dropped) keep their pages but take no GPU time and no real-time
+capacity. `StepPlan.unload` lists those whose pages go (kept in host memory instead, for a rebuilt resume): after
+`resume_grace_s`, beyond `max_detached_sessions` (oldest first), and whenever a waiting session needs a slot that a
+detached one holds (oldest first).
 """
 
 from __future__ import annotations
@@ -43,10 +48,11 @@ class StepPlan:
     prefill: list[Session] = field(default_factory=list)
     denoise: list[Session] = field(default_factory=list)
     expired: list[tuple[Session, str, str]] = field(default_factory=list)  # (session, error code, message)
+    unload: list[Session] = field(default_factory=list)  # detached sessions whose pages go
 
     @property
     def is_empty(self) -> bool:
-        return not self.prefill and not self.denoise and not self.expired
+        return not self.prefill and not self.denoise and not self.expired and not self.unload
 
 
 class Scheduler:
@@ -99,7 +105,8 @@ class Scheduler:
         """Denoising steps per chunk of the admitted live sessions that are not paused: the real-time load. A paused
         session gives its share up (a client that stopped reading must not keep others out) and takes it back only
         if it fits again when its client catches up."""
-        return [s.params.steps for s in self.active if s.is_live and s.state is not SessionState.PAUSED]
+        return [s.params.steps for s in self.active
+                if s.is_live and s.state not in (SessionState.PAUSED, SessionState.DETACHED)]  # fmt: skip
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -109,6 +116,7 @@ class Scheduler:
         plan = StepPlan()
         self._update_pauses(now)
         self._expire(now, plan)
+        self._unload_detached(now, plan)
         self._admit(now)
         plan.prefill = [s for s in self.active if s.state is SessionState.PREFILLING][: self.config.max_batch]
         plan.denoise = self._batch(now)
@@ -156,6 +164,23 @@ class Scheduler:
         for s, _, _ in plan.expired:
             self.remove(s)
 
+    def _unload_detached(self, now: float, plan: StepPlan) -> None:
+        cfg = self.config
+        detached = sorted((s for s in self.active if s.state is SessionState.DETACHED),
+                          key=lambda s: s.detached_at)  # type: ignore[arg-type, return-value]  # fmt: skip
+        wanted = 0  # slots that waiting sessions could take now
+        for queue in (self.waiting_live, self.waiting_background):
+            if queue:
+                wanted += len(queue)
+        short = max(0, len(self.active) + wanted - cfg.max_sessions)
+        for i, s in enumerate(detached):
+            over = len(detached) - i > cfg.max_detached_sessions
+            if over or short > 0 or now - s.detached_at >= cfg.resume_grace_s:  # type: ignore[operator]
+                short -= 1
+                plan.unload.append(s)
+                self.active.remove(s)
+                s.state = SessionState.UNLOADED
+
     def _fits_live(self, s: Session) -> bool:
         """Whether live session `s` can run with the other running live sessions and all keep real time. Alone it
         always can: where no session keeps real time, one is served as well as the engine can."""
@@ -167,7 +192,8 @@ class Scheduler:
             return False
         if s.is_live:
             return self._fits_live(s)
-        return sum(not x.is_live for x in self.active) < self.config.max_background_sessions
+        background = sum(not x.is_live and x.state is not SessionState.DETACHED for x in self.active)
+        return background < self.config.max_background_sessions
 
     def _admit(self, now: float) -> None:
         for queue in (self.waiting_live, self.waiting_background):

@@ -2,8 +2,12 @@
 
 Lifecycle: WAITING (queued for admission) -> PREFILLING (admitted: the condition frame goes into the cache)
 -> GENERATING (denoising chunk after chunk; PAUSED while its consumer is too far behind) -> COMPLETED |
-CANCELLED | FAILED. The scheduler reads and sets `state`. No tensors here: the runner keeps each session's device
-state (pages, latents, generator) in its own record (`runner.GenerationState`), created at prefill.
+CANCELLED | FAILED. A session whose consumer's connection dropped is DETACHED (its pages kept, no GPU time) until
+it is resumed (back to GENERATING) or its pages are wanted: it is then UNLOADED (no pages; its kept history and
+sampler state in host memory) until it is resumed (WAITING again: admitted like a new session, and its prefill
+rebuilds the cache from that history) or dropped (CANCELLED). The scheduler reads and sets `state`. No tensors
+here: the runner keeps each session's device state (pages, latents, generator) in its own record
+(`runner.GenerationState`), created at prefill.
 
 Pace: a "realtime" session is live, watched at the model's fps: its playback clock starts when its first generated
 clip is out, each later clip is due when the viewer reaches its first frame, and a stall (a clip out after its
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import secrets
 import threading
 import time
 from collections import deque
@@ -35,6 +40,8 @@ class SessionState(enum.Enum):
     PREFILLING = "prefilling"
     GENERATING = "generating"
     PAUSED = "paused"
+    DETACHED = "detached"
+    UNLOADED = "unloaded"
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
@@ -42,6 +49,10 @@ class SessionState(enum.Enum):
     @property
     def is_finished(self) -> bool:
         return self in (SessionState.COMPLETED, SessionState.CANCELLED, SessionState.FAILED)
+
+    @property
+    def is_detached(self) -> bool:
+        return self in (SessionState.DETACHED, SessionState.UNLOADED)
 
 
 @dataclass(frozen=True)
@@ -94,12 +105,13 @@ class Clip:
 
 
 _ids = itertools.count(1)
+_run = secrets.token_hex(3)  # ids stay unique across restarts (saved sessions come back with theirs)
 
 
 @dataclass(eq=False)
 class Session:
     params: SessionParams
-    id: str = field(default_factory=lambda: f"s{next(_ids)}")
+    id: str = field(default_factory=lambda: f"s{_run}-{next(_ids)}")
     state: SessionState = SessionState.WAITING
     error: str | None = None
     error_code: str = "internal"  # the API's error code when the session fails (slow_consumer, server_busy, ...)
@@ -117,9 +129,14 @@ class Session:
     # the viewer's playback clock (realtime sessions): when the frame `clock_frame` is on screen
     clock_start: float | None = None
     clock_frame: int = 0
+    # resuming: the token a consumer presents, whose API key it was issued to, when its connection dropped
+    resume_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    owner: str | None = None  # fingerprint of the API key that started it (None: no keys configured)
+    detached_at: float | None = None
     # the consumer: clips produced but not yet taken (acknowledged), and their encoded bytes; the engine thread
-    # and the encoders add, the consumer's thread acknowledges
-    _unacked: deque = field(default_factory=deque, repr=False)  # [end_frame, bytes] per clip, in order
+    # and the encoders add, the consumer's thread acknowledges. The clips themselves are kept until acknowledged:
+    # a resumed consumer is sent them again.
+    _unacked: deque = field(default_factory=deque, repr=False)  # [end_frame, bytes, Clip] per clip, in order
     _unacked_bytes: int = 0
     acked_frames: int = 0  # every frame before this one has reached the consumer
     client: str | None = None  # who asked (the client's address), for fairness between clients
@@ -146,9 +163,10 @@ class Session:
 
     # ---- the consumer's acknowledgements -----------------------------------------------------------------
 
-    def add_unacked(self, end_frame: int) -> None:
+    def add_unacked(self, end_frame: int, clip: Clip | None = None) -> None:
+        """A clip ending before `end_frame` is out to the consumer (kept, when given, for a resumed consumer)."""
         with self._lock:
-            self._unacked.append([end_frame, 0])
+            self._unacked.append([end_frame, 0, clip])
 
     def add_unacked_bytes(self, end_frame: int, nbytes: int) -> None:
         with self._lock:
@@ -164,6 +182,18 @@ class Session:
             self.acked_frames = max(self.acked_frames, frames)
             while self._unacked and self._unacked[0][0] <= frames:
                 self._unacked_bytes -= self._unacked.popleft()[1]
+
+    def unacked_clips(self) -> list[Clip]:
+        """The clips not yet acknowledged, in order (a resumed consumer gets them again)."""
+        with self._lock:
+            return [entry[2] for entry in self._unacked if entry[2] is not None]
+
+    @property
+    def first_held_frame(self) -> int:
+        """The first frame the session can still send: its oldest unacknowledged clip's, or the next it generates."""
+        with self._lock:
+            clip = self._unacked[0][2] if self._unacked else None
+            return self.frames_done if clip is None else clip.first_frame
 
     @property
     def pending(self) -> tuple[int, int]:

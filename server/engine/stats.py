@@ -42,3 +42,6 @@ class EngineStats:
     time_to_first_clip_seconds: Histogram = field(default_factory=lambda: Histogram(SECONDS))
     clip_interval_seconds: Histogram = field(default_factory=lambda: Histogram(SECONDS))
     clip_lateness_seconds: Histogram = field(default_factory=lambda: Histogram(LATENESS))
+    resumes: dict[str, int] = field(default_factory=lambda: {"exact": 0, "rebuilt": 0})
+    resume_expired: int = 0  # detached sessions dropped without being resumed
+    resume_seconds: Histogram = field(default_factory=lambda: Histogram(SECONDS))  # resume to first clip sent

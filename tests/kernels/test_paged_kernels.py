@@ -37,10 +37,10 @@ def page_table(gen, num_streams, max_frames, num_pages, share_first=True):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [72, 16])
-def test_paged_temporal_attention(dtype, head_dim):
+@pytest.mark.parametrize("head_dim, t", [(72, 8), (16, 8), (16, 25)])  # t=25: a resumed stream's rebuild write
+def test_paged_temporal_attention(dtype, head_dim, t):
     gen = torch.Generator().manual_seed(head_dim)
-    b, s, t, h, max_frames, num_pages = 4, 3, 8, 2, 25, 64
+    b, s, h, max_frames, num_pages = 4, 3, 2, 25, 64
     pool = torch.randn(num_pages, 2, s, h, head_dim, generator=gen).to(DEVICE, dtype)
     # q, k, v as strided views of one qkv projection, as the model produces them
     q, k, v = torch.randn(b, s, t, 3, h, head_dim, generator=gen).to(DEVICE, dtype).unbind(3)
@@ -83,9 +83,10 @@ def test_paged_prefix_attention(dtype, head_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_write(dtype):
+@pytest.mark.parametrize("f", [8, 25])
+def test_paged_write(dtype, f):
     gen = torch.Generator().manual_seed(2)
-    b, f, s, h, d, num_pages = 3, 8, 4, 2, 72, 40
+    b, s, h, d, num_pages = 3, 4, 2, 72, 80
     # k/v as (B, F, S, H, D) views of a (B, S, F, 3, H, D) projection: the layout the model stores
     _, k, v = torch.randn(b, s, f, 3, h, d, generator=gen).to(DEVICE, dtype).transpose(1, 2).unbind(3)
     pages = torch.randperm(num_pages, generator=gen)[: b * f].view(b, f).int().to(DEVICE)

@@ -1,0 +1,255 @@
+"""Detaching and resuming sessions in the engine (CPU, tiny model): an exact resume equals the uninterrupted stream
+frame for frame and resends what was generated instead of generating it again; a rebuilt resume equals it before the
+queue ever dequeued; detached sessions hold at most `max_detached_sessions` sessions' pages and give a waiting
+session their slot; tokens are checked; sessions survive an engine restart."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from ca2vdm.server.engine.config import EngineConfig
+from ca2vdm.server.engine.engine import Engine, SessionFailed
+from ca2vdm.server.engine.session import SessionParams, SessionState
+from tests.images import smooth_image
+
+CHUNK = 8
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from ca2vdm.server.model.loader import load_pipeline
+
+    return load_pipeline("random:tiny", device="cpu")
+
+
+def config(**kwargs) -> EngineConfig:
+    base = {"max_lead_s": 3600.0, "max_pending_clips": 1, "max_sessions": 4, "max_batch": 4}
+    return EngineConfig(**{**base, **kwargs})
+
+
+def params(seed: int = 5, clips: int = 6) -> SessionParams:
+    return SessionParams(image=smooth_image(16, 16, seed), seed=seed, steps=3, num_frames=1 + CHUNK * clips)
+
+
+async def collect(handle) -> list:
+    return [clip async for clip in handle]
+
+
+async def take(handle, n: int, ack: bool = True) -> list:
+    """The first n clips of a handle made with auto_ack=False (acknowledged if `ack`)."""
+    clips, it = [], handle.__aiter__()
+    for _ in range(n):
+        clips.append(await it.__anext__())
+        if ack:
+            handle.ack(clips[-1].end_frame)
+    return clips
+
+
+def frames(clips) -> torch.Tensor:
+    return torch.cat([c.frames for c in clips])
+
+
+async def until(predicate, timeout: float = 30.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def run(pipe, cfg, fn):
+    async def main():
+        engine = Engine(pipe, cfg).start()
+        try:
+            return await fn(engine)
+        finally:
+            engine.stop()
+
+    return asyncio.run(main())
+
+
+def reference(pipe, p: SessionParams) -> torch.Tensor:
+    return run(pipe, config(), lambda e: _reference(e, p))
+
+
+async def _reference(engine, p):
+    return frames(await collect(await engine.start_session(p)))
+
+
+def test_exact_resume_resends_and_equals_the_uninterrupted_stream(pipe):
+    p = params()
+    ref = reference(pipe, p)
+
+    async def main(engine: Engine):
+        handle = await engine.start_session(p, auto_ack=False, resumable=True)
+        token = handle.info.resume_token
+        got = await take(handle, 2) + await take(handle, 1, ack=False)  # the third arrived only in part: 3 frames
+        k = got[2].first_frame + 3
+        handle.detach()
+        session = handle.session
+        await until(lambda: session.state is SessionState.DETACHED)
+        assert engine.num_detached == 1
+        resumed = await engine.resume(token, k)
+        assert resumed.info.first_frame == k and resumed.info.session_id == session.id
+        rest = await collect(resumed)
+        assert rest[0].first_frame == k and rest[0].index == got[2].index  # resent from k, trimmed
+        assert engine.stats.resumes == {"exact": 1, "rebuilt": 0}
+        # nothing was generated twice: the resent frames are the ones made before the drop
+        assert engine.stats.frames_generated == ref.shape[0]
+        return torch.cat([frames(got)[:k], frames(rest)])
+
+    assert torch.equal(run(pipe, config(), main), ref)
+
+
+def test_rebuilt_resume_before_the_first_dequeue_equals_the_uninterrupted_stream(pipe):
+    p = params(seed=7)
+    ref = reference(pipe, p)
+
+    async def main(engine: Engine):
+        handle = await engine.start_session(p, auto_ack=False, resumable=True)
+        got = await take(handle, 2)
+        k = got[-1].end_frame
+        handle.detach()
+        await until(lambda: engine.num_resumable == 1)  # grace 0: unloaded at once, pages freed
+        assert engine.runner.num_free_pages == engine.runner.num_pages
+        held = engine.runner.unloaded[handle.session.id]
+        assert held.first_frame == 0, "this test is about a queue that never dequeued"
+        rest = await collect(await engine.resume(handle.info.resume_token, k))
+        assert engine.stats.resumes == {"exact": 0, "rebuilt": 1}
+        return torch.cat([frames(got), frames(rest)])
+
+    out = run(pipe, config(resume_grace_s=0.0), main)
+    assert out.shape == ref.shape
+    # one batched write instead of chunk by chunk: the same cache up to float rounding
+    assert (out.int() - ref.int()).abs().max().item() <= 1
+
+
+def test_rebuilt_resume_after_dequeues_goes_on_from_the_kept_history(pipe):
+    p = params(seed=9, clips=8)
+
+    async def main(engine: Engine):
+        handle = await engine.start_session(p, auto_ack=False, resumable=True)
+        got = await take(handle, 5)  # frame 0 and 4 chunks: 33 frames written, the queue holds the last 25
+        handle.detach()
+        await until(lambda: engine.num_resumable == 1)
+        held = engine.runner.unloaded[handle.session.id]
+        assert held.history.shape[2] == 25 and held.first_frame >= got[-1].end_frame - 25 - CHUNK
+        rest = await collect(await engine.resume(handle.info.resume_token, got[-1].end_frame))
+        return torch.cat([frames(got), frames(rest)])
+
+    out = run(pipe, config(resume_grace_s=0.0), main)
+    assert out.shape[0] == p.num_frames
+
+
+def test_detached_sessions_hold_bounded_pages_and_give_way(pipe):
+    """At most max_detached_sessions keep pages (the oldest are unloaded first); a waiting session takes the slot
+    of a detached one."""
+
+    async def main(engine: Engine):
+        handles = []
+        for i in range(4):
+            h = await engine.start_session(params(seed=i, clips=20), auto_ack=False, resumable=True)
+            await take(h, 1)
+            handles.append(h)
+        for h in handles:
+            h.detach()
+            await until(lambda h=h: h.session.state.is_detached)
+        await until(lambda: engine.num_resumable == 2)
+        assert engine.num_detached == 2
+        assert [h.session.state for h in handles] == [SessionState.UNLOADED] * 2 + [SessionState.DETACHED] * 2
+        per_session = engine.runner.num_pages // 4
+        assert engine.runner.num_free_pages >= 2 * per_session
+        # all slots would be taken by detached sessions: a new one gets the oldest detached one's slot
+        fill = [await engine.start_session(params(seed=10 + i, clips=1)) for i in range(3)]
+        for h in fill:
+            await collect(h)
+        assert engine.num_resumable >= 3
+        # and every detached session can still be resumed (rebuilt)
+        for h in handles:
+            rest = await collect(await engine.resume(h.info.resume_token, 1))
+            assert sum(c.num_frames for c in rest) == 1 + CHUNK * 20 - 1
+        assert engine.runner.num_free_pages == engine.runner.num_pages
+
+    run(pipe, config(max_detached_sessions=2, resume_grace_s=3600.0), main)
+
+
+def test_resume_errors(pipe):
+    async def main(engine: Engine):
+        h = await engine.start_session(params(clips=20), auto_ack=False, resumable=True, owner="alice")
+        got = await take(h, 2)
+        h.detach()
+        await until(lambda: h.session.state.is_detached)
+        token = h.info.resume_token
+        for kwargs, code in [({"token": "nope"}, "invalid_request"),
+                             ({"owner": "mallory"}, "invalid_request"),
+                             ({"from_frame": got[0].first_frame}, "invalid_request"),  # acknowledged, not held
+                             ({"from_frame": 10**6}, "invalid_request")]:  # fmt: skip
+            args = {"token": token, "from_frame": got[-1].end_frame, "owner": "alice", **kwargs}
+            with pytest.raises(SessionFailed) as err:
+                await engine.resume(args.pop("token"), args.pop("from_frame"), **args)
+            assert err.value.code == code, kwargs
+        # a session not started as resumable has no token
+        plain = await engine.start_session(params(seed=2, clips=1))
+        assert plain.info.resume_token is None
+        await collect(plain)
+        return token
+
+    async def expired(engine: Engine):
+        h = await engine.start_session(params(clips=20), auto_ack=False, resumable=True)
+        await take(h, 1)
+        h.detach()
+        await until(lambda: engine.stats.resume_expired == 1)  # kept 0 s once unloaded: dropped
+        with pytest.raises(SessionFailed) as err:
+            await engine.resume(h.info.resume_token, 1)
+        assert err.value.code == "expired"
+        assert engine.runner.num_free_pages == engine.runner.num_pages
+
+    run(pipe, config(), main)
+    run(pipe, config(resume_grace_s=0.0, resume_keep_s=0.0), expired)
+
+
+def test_a_resume_takes_over_an_attached_session(pipe):
+    p = params(seed=3)
+    ref = reference(pipe, p)
+
+    async def main(engine: Engine):
+        old = await engine.start_session(p, auto_ack=False, resumable=True)
+        got = await take(old, 2)
+        new = await engine.resume(old.info.resume_token, got[-1].end_frame)
+        with pytest.raises(SessionFailed) as err:
+            await collect(old)
+        assert err.value.code == "replaced"
+        old.cancel()  # the replaced connection's clean-up must not end the session
+        rest = await collect(new)
+        return torch.cat([frames(got), frames(rest)])
+
+    assert torch.equal(run(pipe, config(), main), ref)
+
+
+def test_sessions_survive_an_engine_restart(pipe, tmp_path):
+    p = params(seed=4)
+    ref = reference(pipe, p)
+    cfg = config(resume_dir=str(tmp_path))
+
+    async def first(engine: Engine):
+        h = await engine.start_session(p, auto_ack=False, resumable=True, owner="k")
+        got = await take(h, 1) + await take(h, 2, ack=False)  # clips 1 and 2 unacknowledged: saved with it
+        await until(lambda: h.session.state is SessionState.PAUSED)
+        return h.info.resume_token, got
+
+    token, got = run(pipe, cfg, first)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+
+    async def second(engine: Engine):
+        assert engine.num_resumable == 1 and not list(tmp_path.glob("*.pt"))  # read back and consumed
+        k = got[1].first_frame + 2
+        rest = await collect(await engine.resume(token, k, owner="k"))
+        assert rest[0].first_frame == k
+        return torch.cat([frames(got)[:k], frames(rest)])
+
+    out = run(pipe, cfg, second)
+    assert out.shape == ref.shape
+    assert (out.int() - ref.int()).abs().max().item() <= 1
