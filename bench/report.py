@@ -124,6 +124,20 @@ def table() -> str:
             "hostile_load_cpu.json",
         )
     )
+    resume = _load("resume_cpu.json")
+    lat = {row["kind"]: row for row in resume["latency"]}
+    after = [r for r in resume["closeness"]["rows"] if r["dequeued_before_drop"]]
+    rows.append(
+        (
+            "resume after a dropped connection, default model: resume to first clip, exact / rebuilt (p50); "
+            "rebuilt next clip after the queue dequeued",
+            f"{lat['exact']['median_s']:.3f} / {lat['rebuilt']['median_s']:.3f} s; exact path equal: "
+            f"{'yes' if resume['exact_resume_equal'] else 'NO'}; "
+            f"{min(r['psnr_next_clip_db'] for r in after):.1f}-{max(r['psnr_next_clip_db'] for r in after):.1f} dB",
+            "cpu, 2 cores",
+            "resume_cpu.json",
+        )
+    )
     train = _load("train_small_sprites_h200.json")
     ev = train["eval"]
     chain = _load("train_small_sprites_h100.json")["runs"] + train["runs"]  # the chain began on the H100
