@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from ._util import auth_headers, encode_image, stream_url
 from .errors import ClientError, StreamError, TransportError
+from .protocol import ServerMessage
 
 __all__ = ["Clip", "Done", "Event", "Ready", "ReconnectHook", "StreamClient"]
 
@@ -402,8 +404,13 @@ class StreamClient:
             raise StreamError("protocol_error", f"bad JSON from the server: {exc}") from exc
         if not isinstance(data, dict):
             raise StreamError("protocol_error", "a server message is not a JSON object")
-        if data.get("type") == "error":
+        if data.get("type") == "error":  # whatever its code: a newer server's errors are errors too
             raise StreamError(str(data.get("code", "internal")), str(data.get("message", "")), await self._closed(ws))
+        try:
+            ServerMessage.validate_python(data)  # the protocol's schema (ca2vdm.client.protocol)
+        except ValidationError as exc:
+            raise StreamError("protocol_error", f"a {data.get('type')!r} message that breaks the protocol: "
+                              f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc  # fmt: skip
         return data
 
     async def _closed(self, ws: ClientConnection) -> int | None:

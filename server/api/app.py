@@ -11,10 +11,12 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
+from ca2vdm.client.protocol import AckMessage, StopMessage, message_schemas
 from ca2vdm.server.engine.engine import Engine
 from ca2vdm.server.model.diffusion import SAMPLERS
 from ca2vdm.server.model.loader import Pipeline, load_pipeline
@@ -26,14 +28,23 @@ from .job_runner import JobRunner
 from .jobs import JobStore
 from .limits import BodyLimit
 from .metrics import metrics_text
+from .openapi import ERROR_CODES, Health, ModelInfo, Readiness, document
 from .requests import RequestDecoder
+from .schemas import request_models
 from .settings import Settings
 
 log = logging.getLogger("ca2vdm.api")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-ERROR_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               408: "request_timeout", 409: "conflict", 413: "payload_too_large", 422: "invalid_request",
-               429: "too_many_requests", 503: "unavailable"}  # fmt: skip
+PROMETHEUS_TEXT = "text/plain; version=0.0.4"
+
+
+def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """The methods the routes of this request's path accept (RFC 9110: a 405 lists them in Allow)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
@@ -99,27 +110,34 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = ERROR_CODES.get(exc.status_code, "error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of the path (Starlette names only the first route's)
+            headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))  # fmt: skip
+                            headers=headers or None)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"error": {"code": "invalid_request", "message": message}}, status_code=422)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "The engine died"}})
     def healthz(request: Request) -> JSONResponse:
         engine = getattr(request.app.state, "engine", None)
         ok = engine is None or engine.alive
         return JSONResponse({"status": "ok" if ok else "engine down"}, status_code=200 if ok else 503)
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Not ready (loading, warming up, engine down)"}},
+    )
     def readyz(request: Request) -> JSONResponse:
         engine = getattr(request.app.state, "engine", None)
         ready = engine is not None and engine.alive
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    @app.get("/v1/models", dependencies=[Depends(require_key)], response_model=ModelInfo)
     def models(request: Request) -> dict:
         engine: Engine = request.app.state.engine
         pipe = engine.pipe
@@ -139,9 +157,30 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
             "realtime_capacity_sessions": engine.realtime_capacity(),
         }
 
-    @app.get("/metrics", dependencies=[Depends(require_key)])
-    def metrics(request: Request) -> Response:
-        return Response(metrics_text(request.app.state.engine, request.app.state.jobs),
-                        media_type="text/plain; version=0.0.4")  # fmt: skip
+    @app.get("/metrics", dependencies=[Depends(require_key)], response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format 0.0.4",
+                              "content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}}}})  # fmt: skip
+    def metrics(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(metrics_text(request.app.state.engine, request.app.state.jobs),
+                                 media_type=PROMETHEUS_TEXT)  # fmt: skip
+
+    bounded = request_models(settings)
+    schemas = message_schemas(client=(bounded.start, bounded.resume, StopMessage, AckMessage))
+
+    @app.get("/v1/stream/messages", dependencies=[Depends(require_key)])
+    def stream_messages() -> dict:
+        """JSON Schemas of every message of the /v1/stream websocket, both directions, with this server's limits."""
+        return schemas
+
+    protected = {"/v1/videos", "/v1/videos/{job_id}", "/v1/videos/{job_id}/content", "/v1/models", "/metrics",
+                 "/v1/stream/messages"}  # fmt: skip
+    openapi_doc: dict = {}
+
+    def openapi() -> dict:
+        if not openapi_doc:
+            openapi_doc.update(document(app, bounded, protected, keyed=settings.api_key is not None))
+        return openapi_doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     return app

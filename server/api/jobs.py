@@ -37,6 +37,9 @@ class JobQueueFull(RuntimeError):
     """`max_queued_jobs` jobs are already queued or running."""
 
 
+JOB_ID_PATTERN = r"^video_[0-9a-f]{30}$"  # what new_job_id makes (a list cursor must look like one)
+
+
 def new_job_id() -> str:
     """`video_` + microseconds since the epoch (14 hex digits) + 64 random bits: ids sort by creation time, so a
     list cursor stays valid after its job is deleted."""

@@ -28,7 +28,7 @@ from ca2vdm.server.engine.session import SessionParams
 from ca2vdm.server.media import load_image
 from ca2vdm.server.model.loader import Pipeline
 
-from .schemas import FirstMessage, ResumeMessage, VideoRequest, describe
+from .schemas import RequestModels, ResumeMessage, describe, request_models
 from .settings import Settings
 
 INLINE_BYTES = 64 * 2**10  # JSON at most this long is parsed on the event loop (well under a millisecond)
@@ -73,6 +73,7 @@ def lower_thread_priority(nice: int = 10) -> None:
 class RequestDecoder:
     def __init__(self, settings: Settings, pipe: Pipeline) -> None:
         self.settings, self.pipe = settings, pipe
+        self.models: RequestModels = request_models(settings)  # the same models as the published schemas
         self._pool = ThreadPoolExecutor(max_workers=settings.request_workers, thread_name_prefix="ca2vdm-request",
                                         initializer=lower_thread_priority)  # fmt: skip
         self._pending = 0  # jobs in or waiting for the pool (event loop only)
@@ -104,7 +105,7 @@ class RequestDecoder:
     async def stream_request(self, text: str) -> tuple[SessionParams, bool] | ResumeMessage:
         """A websocket's first message: `start` -> (engine parameters, whether num_frames was capped at max_frames);
         `resume` -> the message."""
-        msg = (await self._parse(FirstMessage, text)).root
+        msg = (await self._parse(self.models.first, text)).root
         if isinstance(msg, ResumeMessage):
             return msg
         image = await self._image(msg.image)
@@ -115,7 +116,7 @@ class RequestDecoder:
 
     async def job_params(self, body: bytes) -> SessionParams:
         """A POST /v1/videos body -> engine parameters (a background session of raw frames)."""
-        msg = await self._parse(VideoRequest, body)
+        msg = await self._parse(self.models.video, body)
         image = await self._image(msg.image)
         return self._params(image, msg.seed, msg.sampler, msg.steps, msg.num_frames, "raw", "max")
 
@@ -123,7 +124,8 @@ class RequestDecoder:
                 num_frames: int | None, fmt: str, pace: str) -> SessionParams:  # fmt: skip
         s = self.settings
         sampler = sampler or self.pipe.config.default_sampler
-        steps = steps if steps is not None else self.pipe.default_steps(sampler)
+        if steps is None:  # the model's default, within what this server allows
+            steps = min(self.pipe.default_steps(sampler), s.max_steps)
         if steps > s.max_steps:
             raise Reject("invalid_request", f"steps must be <= {s.max_steps}")
         if num_frames is not None and num_frames > s.max_frames:
@@ -144,7 +146,7 @@ def _validate(model: type[M], text: str | bytes) -> M:
 
 
 def _noun(model: type[BaseModel]) -> str:
-    return "start message" if model is FirstMessage else "request"
+    return "request" if model.__name__ == "VideoRequest" else "start message"
 
 
 def _decode_image(data: str, size: tuple[int, int], max_bytes: int, max_pixels: int, max_aspect: float) -> torch.Tensor:

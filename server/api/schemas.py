@@ -1,78 +1,73 @@
 """Request and message schemas: pydantic at the edge, strict (JSON types only: no "17" or true for an integer;
-no unknown fields), parsed from the raw JSON text by pydantic's own parser (which bounds nesting depth)."""
+no unknown fields), parsed from the raw JSON text by pydantic's own parser (which bounds nesting depth). The
+websocket messages are the protocol's (`ca2vdm.client.protocol`); the REST body is here; both get this server's limits
+(`request_models`), so what the server validates is exactly what its OpenAPI document and message schemas say."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, TypeAdapter, ValidationError
 
-from ca2vdm.server.engine.session import PACES
-from ca2vdm.server.media import FORMATS
-from ca2vdm.server.model.diffusion import SAMPLERS
+from ca2vdm.client.protocol import (
+    MAX_SEED,
+    AckMessage,
+    ClipMessage,
+    DoneMessage,
+    ErrorMessage,
+    Int,
+    ReadyMessage,
+    ResumeMessage,
+    SamplerName,
+    StartMessage,
+    StopMessage,
+    bounded,
+    dump,
+)
 
-SamplerName = Literal[SAMPLERS]  # type: ignore[valid-type]  # Literal["ddim", "iddpm"]
-FormatName = Literal[FORMATS]  # type: ignore[valid-type]  # Literal["fmp4", "jpeg"]
-PaceName = Literal[PACES]  # type: ignore[valid-type]  # Literal["realtime", "max"]
+from .settings import Settings
 
-_STRICT = ConfigDict(extra="forbid", strict=True)
-
-
-class StartMessage(BaseModel):
-    """First websocket message (DESIGN.md). Missing fields take server defaults."""
-
-    model_config = _STRICT
-
-    type: Literal["start"]
-    image: str | None = None  # base64 PNG/JPEG
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    sampler: SamplerName | None = None
-    steps: int | None = Field(None, ge=1)
-    num_frames: int | None = Field(None, ge=1)
-    format: FormatName = "fmp4"
-    pace: PaceName = "realtime"
-
-
-class ResumeMessage(BaseModel):
-    """First websocket message of a reconnecting client: the session's `resume_token`, and the first frame it lacks."""
-
-    model_config = _STRICT
-
-    type: Literal["resume"]
-    token: str = Field(min_length=1, max_length=128)
-    from_frame: int = Field(ge=0)
-
-
-class FirstMessage(RootModel[Annotated[StartMessage | ResumeMessage, Field(discriminator="type")]]):
-    """What opens a stream: `start` or `resume`."""
-
-
-class StopMessage(BaseModel):
-    model_config = _STRICT
-    type: Literal["stop"]
-
-
-class AckMessage(BaseModel):
-    """The client has received every frame before `frames` (it sends one after each clip)."""
-
-    model_config = _STRICT
-    type: Literal["ack"]
-    frames: int = Field(ge=0)
-
+__all__ = ["AckMessage", "ClipMessage", "ControlMessage", "DoneMessage", "ErrorMessage", "ReadyMessage",
+           "RequestModels", "ResumeMessage", "StartMessage", "StopMessage", "VideoRequest", "describe", "dump",
+           "request_models"]  # fmt: skip
 
 ControlMessage = TypeAdapter(Annotated[StopMessage | AckMessage, Field(discriminator="type")])
 
 
 class VideoRequest(BaseModel):
-    """POST /v1/videos body."""
+    """POST /v1/videos body (the server's limits are added by `request_models`)."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    image: str | None = None
-    num_frames: int = Field(ge=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    image: str | None = Field(None, description="base64 PNG/JPEG/WebP/BMP condition image (a data: URL is accepted)")
+    num_frames: Int(1)
+    seed: Int(0, MAX_SEED) | None = None
     sampler: SamplerName | None = None
-    steps: int | None = Field(None, ge=1)
+    steps: Int(1) | None = None
+
+
+def base64_chars(max_bytes: int) -> int:
+    """Characters of the base64 text of `max_bytes` bytes (a data: URL prefix counts too)."""
+    return (max_bytes + 2) // 3 * 4
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """What clients send, with this server's limits: the models it validates with and the schemas it publishes."""
+
+    start: type[BaseModel]
+    resume: type[BaseModel]
+    first: type[RootModel[Any]]  # start | resume, by `type`
+    video: type[BaseModel]
+
+
+def request_models(settings: Settings) -> RequestModels:
+    image = base64_chars(settings.max_image_bytes)
+    start = bounded(StartMessage, steps=settings.max_steps, num_frames=settings.max_frames, image=image)
+    video = bounded(VideoRequest, steps=settings.max_steps, num_frames=settings.max_frames, image=image)
+    first = RootModel[Annotated[start | ResumeMessage, Field(discriminator="type")]]  # type: ignore[valid-type]
+    return RequestModels(start=start, resume=ResumeMessage, first=first, video=video)
 
 
 def describe(exc: ValidationError, limit: int = 3) -> str:

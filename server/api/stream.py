@@ -31,7 +31,18 @@ from ca2vdm.server.engine.stats import Histogram
 from .auth import key_fingerprint, key_is_valid, offered_subprotocol, origin_allowed
 from .clients import ClientGuard
 from .requests import Reject, RequestDecoder
-from .schemas import AckMessage, ControlMessage, ResumeMessage, StopMessage, describe
+from .schemas import (
+    AckMessage,
+    ClipMessage,
+    ControlMessage,
+    DoneMessage,
+    ErrorMessage,
+    ReadyMessage,
+    ResumeMessage,
+    StopMessage,
+    describe,
+    dump,
+)
 from .settings import Settings
 
 log = logging.getLogger("ca2vdm.api")
@@ -44,7 +55,7 @@ CLOSE_CODES = {"invalid_request": 1008, "unauthorized": 1008, "slow_consumer": 1
 
 async def _fail(ws: WebSocket, code: str, message: str) -> None:
     try:
-        await ws.send_json({"type": "error", "code": code, "message": message})
+        await ws.send_json(dump(ErrorMessage(code=code, message=message)))
         await ws.close(CLOSE_CODES[code])
     except (WebSocketDisconnect, RuntimeError, OSError):  # the client is already gone
         pass
@@ -85,10 +96,9 @@ class _Stream:
 
     async def send_clips(self) -> int:
         async for clip in self.handle:
-            header = {"type": "clip", "index": clip.index, "first_frame": clip.first_frame,
-                      "num_frames": clip.num_frames, "gen_ms": round(clip.gen_ms, 1)}  # fmt: skip
-            if clip.ahead_ms is not None:
-                header["ahead_ms"] = round(clip.ahead_ms, 1)
+            ahead = None if clip.ahead_ms is None else round(clip.ahead_ms, 1)
+            header = dump(ClipMessage(index=clip.index, first_frame=clip.first_frame, num_frames=clip.num_frames,
+                                      gen_ms=round(max(0.0, clip.gen_ms), 1), ahead_ms=ahead))  # fmt: skip
             self.frames_sent = clip.end_frame  # before the sends: an ack may arrive while one still drains
             await self.ws.send_json(header)
             for media in clip.media:
@@ -201,10 +211,10 @@ async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, cappe
     watcher = asyncio.create_task(stream.watch_client())
     info = handle.info
     try:
-        await ws.send_json({"type": "ready", "session_id": info.session_id, "width": info.width, "height": info.height,
-                            "fps": info.fps, "chunk_frames": info.chunk_frames, "format": info.format,
-                            "mime": info.mime, "resume_token": info.resume_token,
-                            "first_frame": info.first_frame})  # fmt: skip
+        await ws.send_json(dump(ReadyMessage(session_id=info.session_id, width=info.width, height=info.height,
+                                             fps=info.fps, chunk_frames=info.chunk_frames, format=info.format,
+                                             mime=info.mime, resume_token=info.resume_token,
+                                             first_frame=info.first_frame)))  # fmt: skip
         if info.init_segment is not None:
             await ws.send_bytes(info.init_segment)
         frames = await stream.send_clips()
@@ -213,10 +223,8 @@ async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, cappe
         if stream.violation is not None:
             await _fail(ws, stream.violation.code, str(stream.violation))
             return int(stream.violation.code == "invalid_request")
-        done: dict = {"type": "done", "frames": frames}
-        if capped and frames >= settings.max_frames:
-            done["reason"] = "max_frames"
-        await ws.send_json(done)
+        reason = "max_frames" if capped and frames >= settings.max_frames else None
+        await ws.send_json(dump(DoneMessage(frames=frames, reason=reason)))
         await ws.close(1000)
     except SessionFailed as exc:
         await _fail(ws, exc.code, str(exc))

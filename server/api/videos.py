@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from .job_runner import JobRunner
-from .jobs import JobQueueFull, JobStore
+from .jobs import JOB_ID_PATTERN, JobQueueFull, JobStore
+from .openapi import Deleted, VideoJob, VideoList, errors
 from .requests import Reject, RequestDecoder
-from .schemas import VideoRequest
 
 router = APIRouter(prefix="/v1/videos")
 
@@ -37,12 +37,8 @@ def _job_or_404(store: JobStore, job_id: str):
 
 
 # The body is read as bytes (the size limit is BodyLimit's) and parsed by the RequestDecoder, off the event loop
-# when large; its schema is still the OpenAPI request body.
-_BODY = {"requestBody": {"required": True,
-                         "content": {"application/json": {"schema": VideoRequest.model_json_schema()}}}}  # fmt: skip
-
-
-@router.post("", status_code=202, openapi_extra=_BODY)
+# when large; its schema (with this server's limits) goes into the OpenAPI document (`openapi.document`).
+@router.post("", status_code=202, response_model=VideoJob, responses=errors(400, 408, 413, 422, 429, 503))
 async def create_video(request: Request, store: Store, runner: Runner) -> JSONResponse:
     decoder: RequestDecoder = request.app.state.decoder
     try:
@@ -63,8 +59,9 @@ async def create_video(request: Request, store: Store, runner: Runner) -> JSONRe
     return JSONResponse(job.to_json(), status_code=202)
 
 
-@router.get("")
-def list_videos(store: Store, limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None) -> dict:
+@router.get("", response_model=VideoList, responses=errors(400))
+def list_videos(store: Store, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                after: Annotated[str | None, Query(pattern=JOB_ID_PATTERN)] = None) -> dict:  # fmt: skip
     try:
         jobs, has_more = store.list(limit, after)
     except ValueError as exc:
@@ -72,12 +69,14 @@ def list_videos(store: Store, limit: Annotated[int, Query(ge=1, le=100)] = 20, a
     return {"object": "list", "data": [j.to_json() for j in jobs], "has_more": has_more}
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", response_model=VideoJob, responses=errors(404))
 def get_video(job_id: str, store: Store) -> dict:
     return _job_or_404(store, job_id).to_json()
 
 
-@router.get("/{job_id}/content")
+@router.get("/{job_id}/content", response_class=FileResponse, responses={
+    200: {"description": "The video", "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
+    **errors(404, 409)})  # fmt: skip
 def get_content(job_id: str, store: Store) -> FileResponse:
     job = _job_or_404(store, job_id)
     if job.status != "completed" or not store.path(job_id).is_file():
@@ -85,7 +84,7 @@ def get_content(job_id: str, store: Store) -> FileResponse:
     return FileResponse(store.path(job_id), media_type="video/mp4", filename=f"{job_id}.mp4")
 
 
-@router.delete("/{job_id}")
+@router.delete("/{job_id}", response_model=Deleted, responses=errors(404))
 async def delete_video(job_id: str, store: Store, runner: Runner) -> dict:
     _job_or_404(store, job_id)
     runner.cancel(job_id)
