@@ -30,8 +30,10 @@ def fuzz(address: str, tmp: Path, headers: list[str], max_examples: int) -> tupl
            "--no-color", "--request-timeout", "20", "--report-dir", str(tmp)]  # fmt: skip
     for h in headers:
         cmd += ["-H", h]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.api.fuzz_hooks"}  # real images in schema-valid cases
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    # real images in schema-valid cases; run from a scratch directory (schemathesis keeps a cache where it runs)
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.api.fuzz_hooks",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp, env=env)
     out = result.stdout + result.stderr
     cases = sum(int(n) for n in re.findall(r"(\d+) generated", out))
     return out, result.returncode, cases
