@@ -53,6 +53,8 @@ class EngineCollector:
                                 value=e.num_detached)  # fmt: skip
         yield GaugeMetricFamily("ca2vdm_sessions_resumable", "Sessions kept in host memory for a rebuilt resume",
                                 value=e.num_resumable)  # fmt: skip
+        yield GaugeMetricFamily("ca2vdm_resumable_bytes", "Host memory held by unloaded sessions",
+                                value=e.resumable_bytes)  # fmt: skip
         resumes = CounterMetricFamily("ca2vdm_resumes", "Sessions resumed, by kind", labels=["kind"])
         for kind, n in stats.resumes.items():
             resumes.add_metric([kind], n)

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     max_detached_sessions: int = Field(8, ge=0)  # detached sessions holding pages at once (oldest unloaded first)
     resume_keep_s: float = Field(900.0, ge=0)  # an unloaded session stays resumable (rebuilt cache) this long
     max_resumable_sessions: int = Field(256, ge=0)  # unloaded sessions kept, in memory and across restarts
+    max_resumable_bytes: int = Field(2**30, ge=0)  # ... and the host memory they may hold (oldest dropped first)
     # requests
     max_frames: int = Field(100_000, ge=1)  # per request; a stream with num_frames null ends there too
     max_steps: int = Field(1000, ge=1)

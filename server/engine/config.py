@@ -29,6 +29,7 @@ class EngineConfig:
     max_detached_sessions: int = 8  # at most this many hold pages while detached (the oldest is unloaded first)
     resume_keep_s: float = 900.0  # an unloaded session stays resumable (rebuilt) this long
     max_resumable_sessions: int = 256  # at most this many unloaded sessions are kept (the oldest dropped first)
+    max_resumable_bytes: int = 2**30  # ... holding at most this much host memory (kept latents, unsent clips)
     resume_dir: str | None = None  # resumable sessions are saved here at stop() and read back at start()
     cuda_graphs: bool = True  # replay the forwards as CUDA graphs (on CUDA devices)
 
@@ -44,8 +45,8 @@ class EngineConfig:
                  self.max_background_step_s)  # fmt: skip
         if min(times) <= 0 or self.deadline_margin_s < 0:
             raise ValueError("max_paused_s, evict_paused_s, max_lead_s and admission_wait_s must be > 0")
-        if self.max_detached_sessions < 0 or self.max_resumable_sessions < 0:
-            raise ValueError("max_detached_sessions and max_resumable_sessions must be >= 0")
+        if min(self.max_detached_sessions, self.max_resumable_sessions, self.max_resumable_bytes) < 0:
+            raise ValueError("max_detached_sessions, max_resumable_sessions and max_resumable_bytes must be >= 0")
         if self.resume_grace_s < 0 or self.resume_keep_s < 0:
             raise ValueError("resume_grace_s and resume_keep_s must be >= 0")
         if not 0 < self.realtime_target <= 1:

@@ -76,6 +76,7 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self._tokens: dict[str, Session] = {}  # resume token -> every session that can be resumed
         self._unloaded: OrderedDict[str, Session] = OrderedDict()  # detached, without pages: oldest first
+        self._unloaded_bytes: dict[str, int] = {}  # host memory each of them holds
         self._expired_tokens: OrderedDict[str, None] = OrderedDict()  # recently dropped (answered `expired`)
         self._actions: deque[Callable[[], None]] = deque()  # run on the engine thread between steps
         self._pool = ThreadPoolExecutor(max_workers=self.config.encode_workers, thread_name_prefix="ca2vdm-encode")
@@ -100,6 +101,7 @@ class Engine:
                 session.state, session.detached_at = SessionState.UNLOADED, self.clock()
                 self.runner.restore(session, state)
                 self._unloaded[session.id] = session
+                self._unloaded_bytes[session.id] = state.nbytes + session.unacked_nbytes
                 self._live[session.id] = _Live(session, None, None)
                 self._tokens[session.resume_token] = session
             if self._unloaded:
@@ -314,6 +316,7 @@ class Engine:
             for clip in s.unacked_clips():  # host memory: keep the frames, encode them again if resent
                 clip.media = []
             self._unloaded[s.id] = s
+            self._unloaded_bytes[s.id] = self.runner.unloaded[s.id].nbytes + s.unacked_nbytes
             log.info("session %s unloaded (detached %.1f s); resumable by a rebuild", s.id,
                      self.clock() - (s.detached_at or 0.0))  # fmt: skip
         if plan.prefill:
@@ -472,6 +475,7 @@ class Engine:
                 done.set_exception(SessionFailed("server_busy", "server busy: too many sessions waiting"))
                 return
             del self._unloaded[s.id]
+            self._unloaded_bytes.pop(s.id, None)
             self.stats.resumes["rebuilt"] += 1
         else:
             self.stats.resumes["exact"] += 1
@@ -500,13 +504,22 @@ class Engine:
         done.set_result(handle)
 
     def _drop_unloaded(self) -> None:
-        """Unloaded sessions past `resume_keep_s`, or beyond `max_resumable_sessions` (oldest first), are dropped."""
+        """Unloaded sessions past `resume_keep_s`, or beyond `max_resumable_sessions` or `max_resumable_bytes`
+        (oldest first), are dropped."""
         now, cfg = self.clock(), self.config
         while self._unloaded:
             s = next(iter(self._unloaded.values()))
-            if len(self._unloaded) <= cfg.max_resumable_sessions and now - s.detached_at < cfg.resume_keep_s:
+            within = (
+                len(self._unloaded) <= cfg.max_resumable_sessions and self.resumable_bytes <= cfg.max_resumable_bytes
+            )
+            if within and now - s.detached_at < cfg.resume_keep_s:  # type: ignore[operator]
                 break
             self._finish(s, SessionState.CANCELLED)
+
+    @property
+    def resumable_bytes(self) -> int:
+        """Host memory held by unloaded sessions."""
+        return sum(self._unloaded_bytes.values())
 
     def _forget(self, s: Session, expired: bool) -> None:
         """The session can no longer be resumed."""
@@ -522,6 +535,7 @@ class Engine:
         s.state, s.error, s.error_code = state, error, code
         self.runner.release(s)
         self._unloaded.pop(s.id, None)
+        self._unloaded_bytes.pop(s.id, None)
         self._forget(s, expired=was_detached)
         with self._cond:
             self.scheduler.remove(s)

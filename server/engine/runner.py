@@ -64,6 +64,10 @@ class HostState:
     step: int
     generator: Tensor  # the noise generator's state
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.history, self.x, self.generator))
+
 
 class PhaseTimer:
     """Times runner phases without waiting for the GPU: CUDA events, read once they have completed (wall time on

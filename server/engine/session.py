@@ -189,6 +189,11 @@ class Session:
             return [entry[2] for entry in self._unacked if entry[2] is not None]
 
     @property
+    def unacked_nbytes(self) -> int:
+        """Host memory of the unacknowledged clips (frames and encoded media)."""
+        return sum(c.frames.numel() + sum(map(len, c.media)) for c in self.unacked_clips())
+
+    @property
     def first_held_frame(self) -> int:
         """The first frame the session can still send: its oldest unacknowledged clip's, or the next it generates."""
         with self._lock:

@@ -253,3 +253,35 @@ def test_sessions_survive_an_engine_restart(pipe, tmp_path):
     out = run(pipe, cfg, second)
     assert out.shape == ref.shape
     assert (out.int() - ref.int()).abs().max().item() <= 1
+
+
+def test_unloaded_sessions_hold_bounded_host_memory(pipe):
+    """Beyond max_resumable_bytes the oldest unloaded sessions are dropped (their resume is `expired`)."""
+
+    async def measure(engine: Engine):
+        h = await engine.start_session(params(seed=1, clips=20), auto_ack=False, resumable=True)
+        await take(h, 1)
+        h.detach()
+        await until(lambda: engine.num_resumable == 1)
+        return engine.resumable_bytes
+
+    one = run(pipe, config(resume_grace_s=0.0), measure)
+    assert one > 0
+
+    async def flood(engine: Engine):
+        handles = []
+        for i in range(3):
+            h = await engine.start_session(params(seed=i, clips=20), auto_ack=False, resumable=True)
+            await take(h, 1)
+            h.detach()
+            await until(lambda h=h: h.session.state.is_detached or h.session.state.is_finished)
+            handles.append(h)
+        await until(lambda: engine.stats.resume_expired == 1)
+        assert engine.num_resumable == 2 and engine.resumable_bytes <= 2 * one + one // 2
+        with pytest.raises(SessionFailed) as err:  # the oldest went first
+            await engine.resume(handles[0].info.resume_token, 1)
+        assert err.value.code == "expired"
+        rest = await collect(await engine.resume(handles[2].info.resume_token, 1))
+        assert rest and engine.resumable_bytes <= one + one // 2
+
+    run(pipe, config(resume_grace_s=0.0, max_resumable_bytes=2 * one + one // 2), flood)
