@@ -22,21 +22,17 @@ import contextlib
 import json
 import math
 import platform
-import socket
 import statistics
 import subprocess
-import threading
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import uvicorn
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from ca2vdm.server.api.app import create_app
-from ca2vdm.server.api.serving import uvicorn_config
-from ca2vdm.server.api.settings import Settings
+from ca2vdm.server.api.serving import serve_in_thread
 from ca2vdm.server.engine.config import EngineConfig
 from ca2vdm.server.engine.engine import Engine
 from ca2vdm.server.engine.session import SessionParams
@@ -132,28 +128,6 @@ async def exact_equality(pipe, params: SessionParams, c: int) -> bool:
 # ---- 2. latency through the server -------------------------------------------------------------------------------
 
 
-class Server:
-    def __init__(self, pipe, **settings) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.settings = Settings(port=port, max_connections_per_s=0, **settings)
-        self.app = create_app(self.settings, pipeline=pipe)
-        self.server = uvicorn.Server(uvicorn_config(self.app, self.settings, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.address = f"127.0.0.1:{port}"
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-
-
 async def viewer(address: str, start: dict, drops: int, clips_between: int, pause_s: float) -> dict:
     """A viewer that cuts its TCP connection in the middle of every `clips_between`-th clip, `drops` times, and
     resumes after `pause_s`; the time from each resume message to the first clip on the new connection."""
@@ -203,10 +177,12 @@ async def viewer(address: str, start: dict, drops: int, clips_between: int, paus
 def latency(pipe, image_b64: str, kind: str, drops: int) -> dict:
     grace = 30.0 if kind == "exact" else 0.0
     start = {"type": "start", "image": image_b64, "seed": 1, "num_frames": 1 + 8 * (3 * drops + 4), "format": "fmp4"}
-    with Server(pipe, resume_grace_s=grace) as server:
-        result = asyncio.run(viewer(server.address, start, drops, clips_between=3, pause_s=0.3 if grace == 0 else 0.0))
-        engine = server.app.state.engine
-        resumes = dict(engine.stats.resumes)
+    with (
+        tempfile.TemporaryDirectory() as data_dir,
+        serve_in_thread(pipe, resume_grace_s=grace, max_connections_per_s=0, data_dir=data_dir) as (address, app),
+    ):
+        result = asyncio.run(viewer(address, start, drops, clips_between=3, pause_s=0.3 if grace == 0 else 0.0))
+        resumes = dict(app.state.engine.stats.resumes)
     lat = result["latencies_s"]
     return {
         "kind": kind,

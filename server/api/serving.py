@@ -4,6 +4,12 @@ servers use this same config)."""
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -32,3 +38,29 @@ def uvicorn_config(app: FastAPI, settings: Settings, log_level: str = "info") ->
         timeout_keep_alive=5,
         timeout_graceful_shutdown=30,
     )
+
+
+@contextmanager
+def serve_in_thread(pipe: Any, **settings: Any) -> Iterator[tuple[str, FastAPI]]:
+    """A real server on a free loopback port, in a thread of this process (tests, benchmarks): yields its address
+    and app (`app.state.engine` once started); stopped, gracefully, on exit."""
+    from .app import create_app  # the app imports this module
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = Settings(port=port, **settings)
+    app = create_app(config, pipeline=pipe)
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)

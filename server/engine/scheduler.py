@@ -168,11 +168,7 @@ class Scheduler:
         cfg = self.config
         detached = sorted((s for s in self.active if s.state is SessionState.DETACHED),
                           key=lambda s: s.detached_at)  # type: ignore[arg-type, return-value]  # fmt: skip
-        wanted = 0  # slots that waiting sessions could take now
-        for queue in (self.waiting_live, self.waiting_background):
-            if queue:
-                wanted += len(queue)
-        short = max(0, len(self.active) + wanted - cfg.max_sessions)
+        short = max(0, len(self.active) + self.num_waiting - cfg.max_sessions)  # slots waiting sessions lack
         for i, s in enumerate(detached):
             over = len(detached) - i > cfg.max_detached_sessions
             if over or short > 0 or now - s.detached_at >= cfg.resume_grace_s:  # type: ignore[operator]
