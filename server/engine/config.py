@@ -31,6 +31,10 @@ class EngineConfig:
     max_resumable_sessions: int = 256  # at most this many unloaded sessions are kept (the oldest dropped first)
     max_resumable_bytes: int = 2**30  # ... holding at most this much host memory (kept latents, unsent clips)
     resume_dir: str | None = None  # resumable sessions are saved here at stop() and read back at start()
+    # several engines (a cluster's replicas) share `resume_dir`: start() reads nothing back; a resume whose token
+    # this engine does not know takes that session's saved file, if another engine left one (server/cluster)
+    shared_resume_dir: bool = False
+    id_prefix: str = ""  # session ids and resume tokens start with this (a cluster replica's id: routes a resume)
     cuda_graphs: bool = True  # replay the forwards as CUDA graphs (on CUDA devices)
 
     def __post_init__(self) -> None:

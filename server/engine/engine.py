@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
 import traceback
@@ -38,8 +39,8 @@ from ca2vdm.server.model.loader import Pipeline
 from .capacity import CapacityModel
 from .config import EngineConfig
 from .handle import DONE, ServerBusy, SessionFailed, SessionHandle, StreamInfo
-from .resume import load_sessions, save_sessions, trim_clip
-from .runner import ModelRunner
+from .resume import load_sessions, save_sessions, take_saved, trim_clip
+from .runner import HostState, ModelRunner
 from .scheduler import Scheduler, StepPlan
 from .session import Clip, Session, SessionParams, SessionState
 from .stats import EngineStats
@@ -96,14 +97,9 @@ class Engine:
         per thread, and with the warm-up on the caller's thread the first session's prefill still took 85 ms
         instead of 16 (H200, bench/results/first_clip_h200.json)."""
         self._warmup = warmup
-        if self.config.resume_dir:
+        if self.config.resume_dir and not self.config.shared_resume_dir:
             for session, state in load_sessions(self.config.resume_dir, self.config.max_resumable_sessions):
-                session.state, session.detached_at = SessionState.UNLOADED, self.clock()
-                self.runner.restore(session, state)
-                self._unloaded[session.id] = session
-                self._unloaded_bytes[session.id] = state.nbytes + session.unacked_nbytes
-                self._live[session.id] = _Live(session, None, None)
-                self._tokens[session.resume_token] = session
+                self._adopt(session, state)
             if self._unloaded:
                 log.info("%d sessions read back from %s, resumable", len(self._unloaded), self.config.resume_dir)
         self._running = True
@@ -131,7 +127,8 @@ class Engine:
         held.sort(key=lambda s: s.detached_at if s.detached_at is not None else float("inf"))  # newest last
         held = held[-self.config.max_resumable_sessions :] if self.config.max_resumable_sessions else []
         try:
-            saved = save_sessions(self.config.resume_dir, [(s, self.runner.host_state(s)) for s in held])
+            saved = save_sessions(self.config.resume_dir, [(s, self.runner.host_state(s)) for s in held],
+                                  replace_all=not self.config.shared_resume_dir)  # fmt: skip
         except Exception:  # noqa: BLE001 - a failed save loses resumability, never the shutdown
             log.exception("saving resumable sessions to %s failed", self.config.resume_dir)
             return
@@ -159,6 +156,9 @@ class Engine:
         if params.image is not None and tuple(params.image.shape) != (height, width, 3):
             raise ValueError(f"image must be {(height, width, 3)}, got {tuple(params.image.shape)}")
         session = Session(params, created_at=self.clock(), client=client, owner=owner)
+        if self.config.id_prefix:
+            session.id = f"{self.config.id_prefix}-{session.id}"
+            session.resume_token = f"{self.config.id_prefix}.{session.resume_token}"
         encoder, handle = self._new_handle(session, auto_ack, first_frame=0, resumable=resumable)
         with self._cond:
             if not self.scheduler.add(session):
@@ -197,16 +197,39 @@ class Engine:
         hold), `expired` (the session was dropped), `server_busy` (an unloaded session found no place to wait)."""
         with self._cond:
             session = self._tokens.get(token)
-            if session is None or session.owner != owner:
-                if token in self._expired_tokens:
-                    raise SessionFailed("expired", "the session is no longer held: start a new one")
-                raise SessionFailed("invalid_request", "unknown resume token")
+        adopted = None
+        if session is None and self.config.shared_resume_dir and self.config.resume_dir:
+            adopted = await asyncio.to_thread(take_saved, self.config.resume_dir, token)  # another engine's session
+            session = adopted[0] if adopted else None
+        if session is None or session.owner != owner:
+            if token in self._expired_tokens:
+                raise SessionFailed("expired", "the session is no longer held: start a new one")
+            if adopted is not None:  # not this owner's: back where it was, for its owner
+                await asyncio.to_thread(save_sessions, self.config.resume_dir, [adopted], False)
+            raise SessionFailed("invalid_request", "unknown resume token")
+        if adopted is not None and self.config.id_prefix:  # it lives here now: a token that routes a resume here
+            session.resume_token = f"{self.config.id_prefix}.{secrets.token_urlsafe(24)}"
         if session.client != client:
             session.client = client  # fairness counts it for the address it now streams to
         encoder, handle = self._new_handle(session, auto_ack, first_frame=from_frame)
         done: Future[SessionHandle] = Future()
-        self._call_soon(lambda: self._resume(session, from_frame, encoder, handle, done))
+
+        def resume() -> None:
+            if adopted is not None:
+                self._adopt(*adopted)
+            self._resume(session, from_frame, encoder, handle, done)
+
+        self._call_soon(resume)
         return await asyncio.wrap_future(done)
+
+    def _adopt(self, session: Session, state: HostState) -> None:
+        """Hold `session` (saved by this or another engine) as unloaded: resumable, its cache rebuilt when it is."""
+        session.state, session.detached_at = SessionState.UNLOADED, self.clock()
+        self.runner.restore(session, state)
+        self._unloaded[session.id] = session
+        self._unloaded_bytes[session.id] = state.nbytes + session.unacked_nbytes
+        self._live[session.id] = _Live(session, None, None)
+        self._tokens[session.resume_token] = session
 
     def detach(self, handle: SessionHandle) -> None:
         """The consumer behind `handle` left without stopping: keep the session for a resume (a no-op for a handle

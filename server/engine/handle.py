@@ -67,6 +67,11 @@ class SessionHandle:
         return self._session
 
     @property
+    def requested_frames(self) -> int | None:
+        """The session's `num_frames` (None: until stopped)."""
+        return self._session.params.num_frames
+
+    @property
     def state(self) -> SessionState:
         return self._session.state
 

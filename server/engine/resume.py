@@ -1,17 +1,20 @@
 """What resuming needs besides the engine's bookkeeping: resending a clip from a given frame, and saving sessions to
 disk across a graceful restart (and reading them back).
 
-A saved session is one file, `<resume_dir>/<session id>.pt`, written atomically: its parameters, counters and resume
-token, the runner's `HostState` (kept history, chunk in flight, generator state) and its unacknowledged clips' frames
-(encoded again when resent). It is read with `torch.load(weights_only=True)`: tensors and plain values only, nothing
-executable. Files are consumed when read back: the engine holds those sessions in memory from then on, and saves
-them again at its next stop.
+A saved session is one file, `<resume_dir>/<digest of its token>.pt`, written atomically: its parameters, counters
+and resume token, the runner's `HostState` (kept history, chunk in flight, generator state) and its unacknowledged
+clips' frames (encoded again when resent). It is read with `torch.load(weights_only=True)`: tensors and plain values
+only, nothing executable. Files are consumed when read back: the engine holds those sessions in memory from then on,
+and saves them again at its next stop. Engines of a cluster share one directory: each saves its own sessions when it
+leaves, and a resume that reaches another engine takes the file of its token (`take_saved`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import secrets
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,18 +77,45 @@ def _record(session: Session, state: HostState) -> dict:
     }
 
 
-def save_sessions(directory: str | Path, sessions: list[tuple[Session, HostState]]) -> int:
-    """Write each session to `directory` (replacing what was there); returns how many were written."""
+def saved_path(directory: str | Path, token: str) -> Path:
+    """Where the session of `token` is saved: named by a digest of the token (a name reveals no token, and an engine
+    that shares the directory finds a session by the token a client presents)."""
+    return Path(directory) / f"{hashlib.sha256(token.encode()).hexdigest()[:32]}.pt"
+
+
+def save_sessions(directory: str | Path, sessions: list[tuple[Session, HostState]], replace_all: bool = True) -> int:
+    """Write each session to `directory`; returns how many were written. `replace_all`: what was there goes (one
+    engine owns the directory); else the other files stay (engines of a cluster share it)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.glob("*.pt"):
-        old.unlink()
+    if replace_all:
+        for old in directory.glob("*.pt"):
+            old.unlink()
     for session, state in sessions:
-        path = directory / f"{session.id}.pt"
-        tmp = path.with_suffix(".tmp")
+        path = saved_path(directory, session.resume_token)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save(_record(session, state), tmp)
         os.replace(tmp, path)
     return len(sessions)
+
+
+def take_saved(directory: str | Path, token: str) -> tuple[Session, HostState] | None:
+    """The saved session of `token`, removed from `directory` (shared by engines: the rename makes the first taker
+    the only one); None when there is none or it cannot be read."""
+    path = saved_path(directory, token)
+    taken = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.taken")
+    try:
+        os.replace(path, taken)
+    except FileNotFoundError:
+        return None
+    try:
+        session, state = _session(torch.load(taken, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - one bad file costs its session only
+        log.warning("cannot read saved session %s: %s", path, exc)
+        return None
+    finally:
+        taken.unlink(missing_ok=True)
+    return (session, state) if session.resume_token == token else None
 
 
 def _session(record: dict) -> tuple[Session, HostState]:

@@ -285,3 +285,39 @@ def test_unloaded_sessions_hold_bounded_host_memory(pipe):
         assert rest and engine.resumable_bytes <= one + one // 2
 
     run(pipe, config(resume_grace_s=0.0, max_resumable_bytes=2 * one + one // 2), flood)
+
+
+def test_engines_sharing_a_directory_hand_sessions_over(pipe, tmp_path):
+    """A cluster's replicas (id prefixes "a" and "b") share the directory: "a" stops, saving its session; "b" reads
+    nothing at start, then takes the session's file when a resume with its token reaches it, and gives it a token of
+    its own (so that later resumes are routed to it; the session id stays). The video goes on from the saved
+    frames."""
+    p = params(seed=6)
+    ref = reference(pipe, p)
+    shared = {"resume_dir": str(tmp_path), "shared_resume_dir": True}
+
+    async def on_a(engine: Engine):
+        h = await engine.start_session(p, auto_ack=False, resumable=True, owner="k")
+        got = await take(h, 2)
+        assert h.id.startswith("a-s") and h.info.resume_token.startswith("a.")
+        return h.info.resume_token, got
+
+    token, got = run(pipe, config(id_prefix="a", **shared), on_a)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+
+    async def on_b(engine: Engine):
+        assert engine.num_resumable == 0  # a shared directory is not read back at start
+        with pytest.raises(SessionFailed) as foreign:
+            await engine.resume(token, got[-1].end_frame, owner="someone else")
+        assert foreign.value.code == "invalid_request" and len(list(tmp_path.glob("*.pt"))) == 1  # put back
+        h = await engine.resume(token, got[-1].end_frame, owner="k")
+        assert not list(tmp_path.glob("*.pt"))  # taken: no other engine can resume it again
+        assert h.id.startswith("a-s") and h.info.resume_token.startswith("b.") and h.info.resume_token != token
+        rest = await collect(h)
+        with pytest.raises(SessionFailed):  # the old token is gone with the old replica
+            await engine.resume(token, 0, owner="k")
+        return torch.cat([frames(got), frames(rest)])
+
+    out = run(pipe, config(id_prefix="b", **shared), on_b)
+    assert out.shape == ref.shape
+    assert (out.int() - ref.int()).abs().max().item() <= 1
