@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -47,11 +48,15 @@ def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
     return sorted(methods)
 
 
-def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
-    """`pipeline` is loaded from `settings` when not given (tests pass a small one)."""
+Services = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def local_services(settings: Settings, pipeline: Pipeline | None = None) -> Services:
+    """The single server's: an engine in this process, jobs in SQLite under the data directory. `pipeline` is
+    loaded from `settings` when not given (tests pass a small one)."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def services(app: FastAPI) -> AsyncIterator[None]:
         pipe = pipeline or load_pipeline(settings.model, preset=settings.preset, vae=settings.vae,
                                          device=settings.device, precision=settings.precision)  # fmt: skip
         engine = Engine(pipe, settings.engine_config()).start()  # warm-up included: /readyz turns 200 after this
@@ -59,16 +64,36 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
         app.state.decoder = RequestDecoder(settings, pipe)
         app.state.jobs = JobStore(settings.data_dir, settings.max_job_attempts)
         app.state.job_runner = JobRunner(app.state.jobs, engine, settings.max_queued_jobs, settings.max_running_jobs)
+        app.state.metrics = lambda: metrics_text(engine, app.state.jobs)
         app.state.job_runner.resume()
         log.info("model %s ready on %s: %dx%d at %d fps, real-time capacity %d sessions", pipe.name, pipe.device,
                  *pipe.frame_size[::-1], pipe.config.fps, engine.realtime_capacity())  # fmt: skip
         try:
             yield
         finally:
-            await app.state.job_runner.shutdown()
-            app.state.jobs.close()
-            app.state.decoder.close()
+            await stop_front_end(app)
             engine.stop()
+
+    return services
+
+
+async def stop_front_end(app: FastAPI) -> None:
+    """Stop what every kind of services starts beside its engine: the jobs (stopped ones stay queued), the store,
+    the request decoder."""
+    await app.state.job_runner.shutdown()
+    app.state.jobs.close()
+    app.state.decoder.close()
+
+
+def create_app(settings: Settings, pipeline: Pipeline | None = None, services: Services | None = None) -> FastAPI:
+    """The API over `services` (what fills app.state: engine, decoder, jobs, job_runner, metrics); the single
+    server's by default (`local_services`), a cluster ingress's in server/cluster."""
+    start_services = services or local_services(settings, pipeline)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with start_services(app):
+            yield
 
     def require_key(request: Request) -> None:
         if not key_is_valid(settings, request.headers, request.query_params.get("api_key")):
@@ -160,9 +185,11 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     @app.get("/metrics", dependencies=[Depends(require_key)], response_class=PlainTextResponse,
              responses={200: {"description": "Prometheus text exposition format 0.0.4",
                               "content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}}}})  # fmt: skip
-    def metrics(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(metrics_text(request.app.state.engine, request.app.state.jobs),
-                                 media_type=PROMETHEUS_TEXT)  # fmt: skip
+    async def metrics(request: Request) -> PlainTextResponse:
+        text = request.app.state.metrics()
+        if inspect.isawaitable(text):
+            text = await text
+        return PlainTextResponse(text, media_type=PROMETHEUS_TEXT)
 
     bounded = request_models(settings)
     schemas = message_schemas(client=(bounded.start, bounded.resume, StopMessage, AckMessage))

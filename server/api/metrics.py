@@ -13,7 +13,7 @@ from ca2vdm.server.engine.stats import Histogram
 from .jobs import JobStore
 
 
-def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
+def histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
     cumulative, buckets = 0, []
     for bound, count in zip([*h.buckets, float("inf")], h.counts, strict=True):
         cumulative += count
@@ -36,15 +36,15 @@ class EngineCollector:
         yield GaugeMetricFamily("ca2vdm_cache_pages_total", "Pages in the K/V pool", value=e.runner.num_pages)
         yield GaugeMetricFamily("ca2vdm_cache_pages_free", "Free pages in the K/V pool", value=e.runner.num_free_pages)
         yield CounterMetricFamily("ca2vdm_frames_generated", "Frames handed to clients", value=stats.frames_generated)
-        yield _histogram("ca2vdm_time_to_first_clip_seconds", "Submit to first clip", stats.time_to_first_clip_seconds)
-        yield _histogram("ca2vdm_clip_interval_seconds", "Time between clips of a session", stats.clip_interval_seconds)
-        yield _histogram("ca2vdm_batch_size", "Sessions per denoising forward", stats.batch_size)
-        yield _histogram("ca2vdm_denoise_step_seconds", "One batched denoising step", stats.denoise_step_seconds)
+        yield histogram("ca2vdm_time_to_first_clip_seconds", "Submit to first clip", stats.time_to_first_clip_seconds)
+        yield histogram("ca2vdm_clip_interval_seconds", "Time between clips of a session", stats.clip_interval_seconds)
+        yield histogram("ca2vdm_batch_size", "Sessions per denoising forward", stats.batch_size)
+        yield histogram("ca2vdm_denoise_step_seconds", "One batched denoising step", stats.denoise_step_seconds)
         yield GaugeMetricFamily("ca2vdm_sessions_paused", "Sessions paused for their consumer", value=e.num_paused)
         yield CounterMetricFamily("ca2vdm_stalls", "Live clips out after their viewer needed them", value=stats.stalls)
         yield CounterMetricFamily("ca2vdm_stall_seconds", "Viewers' total wait for late live clips",
                                   value=stats.stall_seconds)  # fmt: skip
-        yield _histogram("ca2vdm_clip_lateness_seconds", "Live clip out minus due (negative: early)",
+        yield histogram("ca2vdm_clip_lateness_seconds", "Live clip out minus due (negative: early)",
                          stats.clip_lateness_seconds)  # fmt: skip
         yield GaugeMetricFamily("ca2vdm_realtime_capacity_sessions",
                                 "Live sessions at the model's default steps the engine estimates it keeps in real time",
@@ -61,7 +61,7 @@ class EngineCollector:
         yield resumes
         yield CounterMetricFamily("ca2vdm_resume_expired", "Detached sessions dropped without a resume",
                                   value=stats.resume_expired)  # fmt: skip
-        yield _histogram("ca2vdm_resume_seconds", "Resume message to the first clip sent", stats.resume_seconds)
+        yield histogram("ca2vdm_resume_seconds", "Resume message to the first clip sent", stats.resume_seconds)
         if self.jobs is not None:
             jobs = GaugeMetricFamily("ca2vdm_jobs", "REST video jobs by status", labels=["status"])
             for status, n in self.jobs.count_by_status().items():

@@ -53,6 +53,16 @@ CLOSE_CODES = {"invalid_request": 1008, "unauthorized": 1008, "slow_consumer": 1
                "replaced": 1008, "server_busy": 1013, "internal": 1011}  # fmt: skip
 
 
+MOVED_CLOSE = 1012  # "service restart": the session is to be resumed (its engine replica left)
+
+
+async def _close(ws: WebSocket, code: int) -> None:
+    try:
+        await ws.close(code)
+    except (WebSocketDisconnect, RuntimeError, OSError):  # the client is already gone
+        pass
+
+
 async def _fail(ws: WebSocket, code: str, message: str) -> None:
     try:
         await ws.send_json(dump(ErrorMessage(code=code, message=message)))
@@ -176,7 +186,7 @@ async def stream(ws: WebSocket) -> None:
                     resumed = (time.monotonic(), engine.stats.resume_seconds)
                     handle = await engine.resume(request.token, request.from_frame, owner=owner, auto_ack=False,
                                                  client=client)  # fmt: skip
-                    capped = handle.session.params.num_frames == settings.max_frames
+                    capped = handle.requested_frames == settings.max_frames
                 else:
                     params, capped = request
                     handle = await engine.start_session(params, auto_ack=False, client=client, resumable=True,
@@ -227,6 +237,10 @@ async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, cappe
         await ws.send_json(dump(DoneMessage(frames=frames, reason=reason)))
         await ws.close(1000)
     except SessionFailed as exc:
+        if exc.code == "moved":  # its engine replica left (a cluster): the client resumes, the session moves
+            stream.left = True
+            await _close(ws, MOVED_CLOSE)
+            return 0
         await _fail(ws, exc.code, str(exc))
         if exc.code == "slow_consumer":  # a client that stops reading counts against its address too
             return 1 if stream.acked else NEVER_READ_STRIKES

@@ -100,8 +100,10 @@ def _params(pipe: Pipeline, steps: int, seed: int) -> SessionParams:
     return SessionParams(image=image, seed=seed, sampler="ddim", steps=steps, num_frames=None, pace="realtime")
 
 
-async def _run(engine: Engine, pipe: Pipeline, steps: int, max_sessions: int, join_every_s: float, hold_s: float,
-               probes: int) -> dict:  # fmt: skip
+async def ramp_and_hold(engine: Engine, pipe: Pipeline, steps: int, max_sessions: int, join_every_s: float,
+                        hold_s: float, probes: int) -> dict:  # fmt: skip
+    """Steps 1-3 of the module docstring on `engine` (anything with Engine's start_session and num_waiting: a
+    cluster's RemoteEngine too)."""
     viewers: list[Viewer] = []
 
     def join(seed: int) -> Viewer:
@@ -172,7 +174,7 @@ def realtime_scenario(pipe: Pipeline, floor_ms: float, steps: int | None = None,
                           admission_wait_s=30.0, max_waiting=max_sessions)  # fmt: skip
     engine = Engine(pipe, config).start()
     try:
-        run = asyncio.run(_run(engine, pipe, steps, max_sessions, join_every_s, hold_s, probes))
+        run = asyncio.run(ramp_and_hold(engine, pipe, steps, max_sessions, join_every_s, hold_s, probes))
         estimate = engine.realtime_capacity(steps)
     finally:
         engine.stop()
