@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from starlette.responses import FileResponse
 
 from ca2vdm.server.media import Mp4Writer
 
@@ -193,6 +194,11 @@ class JobStore:
                              (time.time(), job_id))  # fmt: skip
         self.input_path(job_id).unlink(missing_ok=True)
         return True
+
+    def content_response(self, job_id: str, range_header: str | None = None) -> FileResponse | None:
+        """The finished MP4 as a response (FileResponse answers a Range header itself), or None without one."""
+        path = self.path(job_id)
+        return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4") if path.is_file() else None
 
     def delete(self, job_id: str) -> bool:
         with self._lock:

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(64, ge=1)  # queued or running; more get 429
     max_running_jobs: int = Field(4, ge=1)  # at once (each a background session)
     max_job_attempts: int = Field(3, ge=1)  # runs a job may be interrupted in before it is failed
+    job_store_url: str | None = None  # postgresql://... : jobs shared by a cluster's nodes; None: SQLite in data_dir
+    object_store_url: str | None = None  # s3://bucket/prefix or a shared directory: the jobs' files; None: data_dir
+    job_lease_s: float = Field(15.0, gt=0)  # a cluster job whose worker has not heartbeated for this long is requeued
     # connections
     start_timeout_s: float = Field(10.0, gt=0)  # a websocket must send `start` within this
     header_timeout_s: float = Field(10.0, gt=0)  # an HTTP request's headers must arrive within this

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from .job_runner import JobRunner
 from .jobs import JOB_ID_PATTERN, JobQueueFull, JobStore
@@ -77,11 +77,13 @@ def get_video(job_id: str, store: Store) -> dict:
 @router.get("/{job_id}/content", response_class=FileResponse, responses={
     200: {"description": "The video", "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
     **errors(404, 409)})  # fmt: skip
-def get_content(job_id: str, store: Store) -> FileResponse:
+def get_content(job_id: str, store: Store, request: Request) -> Response:
     job = _job_or_404(store, job_id)
-    if job.status != "completed" or not store.path(job_id).is_file():
+    # the store's response: a local file, or a stream from a cluster's object store (server/cluster/pg_jobs.py)
+    response = store.content_response(job_id, request.headers.get("range")) if job.status == "completed" else None
+    if response is None:
         raise HTTPException(409, f"video {job_id} is {job.status}, not completed")
-    return FileResponse(store.path(job_id), media_type="video/mp4", filename=f"{job_id}.mp4")
+    return response
 
 
 @router.delete("/{job_id}", response_model=Deleted, responses=errors(404))
