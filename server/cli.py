@@ -130,7 +130,41 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
+    if args.ray:
+        return _serve_ray(args, settings)
     uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
+    return 0
+
+
+def _serve_ray(args: argparse.Namespace, settings: Any) -> int:
+    """The Ray Serve application (server/cluster): on the cluster at --ray-address, or on a Ray started here with
+    this machine's GPUs; Serve's HTTP proxy on --host/--port. Settings travel to every replica as arguments (the
+    CA2VDM_* variables of this process, not of the nodes)."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        print("error: --ray needs the cluster extra: pip install 'ca2vdm[cluster]'", file=sys.stderr)
+        return 2
+    from .cluster.app import build
+
+    values = settings.model_dump(exclude_unset=True)
+    for name, value in list(values.items()):
+        if hasattr(value, "get_secret_value"):
+            values[name] = value.get_secret_value()
+        elif isinstance(value, Path):
+            values[name] = str(value)
+    cluster = {k: getattr(args, k) for k in ("replicas", "min_replicas", "max_replicas", "session_dir",
+                                              "gpus_per_replica") if getattr(args, k) is not None}  # fmt: skip
+    try:
+        app = build({**values, **cluster})  # checks the arguments before anything starts
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ray.init(address=args.ray_address)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    print(f"ca2vdm on Ray Serve: http://{settings.host}:{settings.port}/ (Ctrl-C stops it)", flush=True)
+    serve.run(app, name="ca2vdm", route_prefix="/", blocking=True)
     return 0
 
 
@@ -230,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", default=None, help="read the required API key from this file")
     serve.add_argument("--max-sessions", type=int, default=None)
     serve.add_argument("--max-batch", type=int, default=None)
+    scale = serve.add_argument_group("scale-out on Ray Serve (docs/scale-out.md)")
+    scale.add_argument("--ray", action="store_true", help="serve the Ray Serve app: one engine replica per GPU")
+    scale.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start Ray here)")
+    scale.add_argument("--replicas", type=int, default=None, help="engine replicas (default 1)")
+    scale.add_argument("--min-replicas", type=int, default=None, help="autoscale between these (with --max-replicas)")
+    scale.add_argument("--max-replicas", type=int, default=None)
+    scale.add_argument("--gpus-per-replica", type=float, default=None)
+    scale.add_argument("--session-dir", default=None, help="a directory every replica shares: handover on scale-down")
     serve.set_defaults(func=_cmd_serve)
 
     train = sub.add_parser("train", help="train a model with the Ca2-VDM recipe (procedural sprites or a video folder)")

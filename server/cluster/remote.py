@@ -1,0 +1,236 @@
+"""The ingress's side of the engine replicas: `RemoteEngine` offers the API's routes what they use of an `Engine`
+(start_session, resume, realtime_capacity, pipe, stats), with the engines being Serve replicas reached through a
+DeploymentHandle; `RemoteHandle` is a session's handle, its clips arriving as a streaming call.
+
+A session's clips come back on one streaming call (`EngineReplica.open_stream`); acknowledgements, stop and detach
+are small calls routed to the replica named in the session id (`router.Route`). A new live session is offered to
+the replica with the most real-time capacity to spare; one that is full answers `full` at once and the next is
+tried, the last one admitting it as a single server would (waiting, or `server_busy`).
+
+When the replica serving a stream leaves (a drain on scale-down) or dies, the stream ends with `SessionMoved`: the
+websocket closes with 1012 and the client resumes with its token, which reaches a replica that takes over the
+session from the frames the leaving one saved (or answers `expired` when it died without saving them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray.exceptions
+from ray.serve import context as serve_context
+from ray.serve._private.utils import generate_request_id
+from ray.serve.exceptions import RequestCancelledError
+from torch import Tensor
+
+from ca2vdm.server.engine.handle import ServerBusy, SessionFailed, StreamInfo
+from ca2vdm.server.engine.session import SessionParams
+from ca2vdm.server.engine.stats import EngineStats
+from ca2vdm.server.model.loader import PipelineConfig
+
+from .membership import members
+from .router import Route
+
+log = logging.getLogger("ca2vdm.cluster")
+
+ENGINE_DEPLOYMENT = "EngineReplica"
+# what a call to a replica that died (or is being replaced) raises
+REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, RequestCancelledError)
+
+
+class SessionMoved(SessionFailed):
+    """The replica serving this session left (or died): the client resumes it (websocket close 1012)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("moved", message)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the ingress needs to know of the model the replicas serve (request validation, /v1/models)."""
+
+    name: str
+    config: PipelineConfig
+    frame_size: tuple[int, int]  # (height, width)
+    device: str
+    steps: dict[str, int]  # default steps per sampler
+
+    def default_steps(self, sampler: str) -> int:
+        return self.steps[sampler]
+
+
+@dataclass(frozen=True)
+class RemoteClip:
+    """A clip as it crosses from a replica to the ingress: its media, and its frames only for `raw` sessions."""
+
+    index: int
+    first_frame: int
+    num_frames: int
+    gen_ms: float
+    ahead_ms: float | None
+    media: list[bytes] = field(default_factory=list)
+    frames: Tensor | None = None
+
+    @property
+    def end_frame(self) -> int:
+        return self.first_frame + self.num_frames
+
+
+def remote(method: Any, *args: Any, **kwargs: Any) -> Any:
+    """`method.remote(*args, **kwargs)` as a request of its own. Inside a request (a websocket, /metrics) Serve
+    gives every call the incoming request's internal id, and its router matches routed requests to callers by that
+    id: two calls in flight at once from one request would then be confused (one waits for a replica chosen for the
+    other, seconds of backoff). A copy of the context with a new id keeps them apart."""
+
+    def call() -> Any:
+        serve_context._set_request_context(_internal_request_id=generate_request_id())
+        return method.remote(*args, **kwargs)
+
+    return contextvars.copy_context().run(call)
+
+
+class RemoteHandle:
+    """A session served by a replica; the same use as `SessionHandle` (`async for clip in handle`, ack, cancel,
+    detach, end)."""
+
+    def __init__(self, engine: RemoteEngine, stream: Any, first: dict, auto_ack: bool) -> None:
+        self._engine, self._stream = engine, stream
+        self.info: StreamInfo = first["info"]
+        self.replica: str = first["replica"]  # the replica holding the session's pages
+        self.requested_frames: int | None = first["num_frames"]
+        self.auto_ack = auto_ack
+        self._ended = False
+
+    @property
+    def id(self) -> str:
+        return self.info.session_id
+
+    def _send(self, method: str, *args: Any) -> None:
+        self._engine.call_soon(method, self.id, *args, route=Route(replica=self.replica))
+
+    def ack(self, frames: int) -> None:
+        self._send("ack", frames)
+
+    def cancel(self) -> None:
+        self._send("cancel")
+
+    def detach(self) -> None:
+        self._send("detach")
+
+    def end(self) -> None:
+        """Stop reading clips (the consumer left; the replica keeps the session for a resume)."""
+        self._ended = True
+        self._stream.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[RemoteClip]:
+        while True:
+            try:
+                item = await self._stream.__anext__()
+            except StopAsyncIteration:
+                return
+            except REPLICA_GONE as exc:
+                if self._ended:
+                    return
+                raise SessionMoved(f"the engine replica serving this session stopped ({type(exc).__name__})") from exc
+            if "clip" in item:
+                clip: RemoteClip = item["clip"]
+                if self.auto_ack:
+                    self.ack(clip.end_frame)
+                yield clip
+            elif "moved" in item:
+                raise SessionMoved("the engine replica serving this session is leaving: resume it")
+            else:
+                raise SessionFailed(item["error"], item["message"])
+
+
+class RemoteEngine:
+    def __init__(self, handle: Any, deployment: str = ENGINE_DEPLOYMENT) -> None:
+        self._handle, self.deployment = handle, deployment
+        self.stats = EngineStats()  # the ingress's own (resume latencies seen by its clients)
+        self.pipe: ModelSpec | None = None
+        self._calls: set[asyncio.Task] = set()
+
+    async def connect(self, timeout_s: float = 600.0) -> RemoteEngine:
+        """Wait for a replica and learn the model from it."""
+        info = await asyncio.wait_for(remote(self._handle.describe, route=Route()), timeout_s)
+        self.pipe = info["model"]
+        return self
+
+    @property
+    def alive(self) -> bool:
+        """At least one replica is running (as Serve tells this process's router)."""
+        return bool(members(self.deployment))
+
+    @property
+    def num_waiting(self) -> int:
+        """Sessions waiting for admission on the replicas (as of their last routing stats, ~1 s old)."""
+        return sum(int(stats.get("waiting", 0)) for stats in members(self.deployment).values())
+
+    def realtime_capacity(self, steps: int | None = None) -> int:
+        return sum(int(stats.get("capacity", 0)) for stats in members(self.deployment).values())
+
+    def call_soon(self, method: str, *args: Any, route: Route) -> None:
+        """A call whose answer nobody waits for (acks, stop, detach); a failure is logged, not raised."""
+
+        async def call() -> None:
+            try:
+                await remote(getattr(self._handle, method), *args, route=route)
+            except REPLICA_GONE:
+                pass  # the session went with its replica
+            except Exception:  # noqa: BLE001
+                log.exception("%s on replica %s failed", method, route.replica)
+
+        task = asyncio.get_running_loop().create_task(call())
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _open(self, request: dict, route: Route) -> tuple[Any, dict]:
+        stream = remote(self._handle.options(stream=True).open_stream, request, route=route)
+        try:
+            first = await stream.__anext__()
+        except (StopAsyncIteration, *REPLICA_GONE) as exc:
+            raise SessionFailed("internal", f"the engine replica did not answer ({type(exc).__name__})") from exc
+        return stream, first
+
+    async def start_session(self, params: SessionParams, *, auto_ack: bool = True, client: str | None = None,
+                            resumable: bool = False, owner: str | None = None) -> RemoteHandle:  # fmt: skip
+        """Offer the session to replicas, most spare capacity first; a full one (no real-time capacity to spare for
+        a live session, no free slot for a background one) is skipped. Raises ServerBusy when the last one cannot
+        take it either."""
+        request = {"kind": "start", "params": params, "client": client, "resumable": resumable, "owner": owner}
+        avoid: list[str] = []
+        tries = max(1, len(members(self.deployment)))
+        for attempt in range(tries):
+            request["only_if_room"] = attempt < tries - 1
+            stream, first = await self._open(request, Route(new=True, avoid=tuple(avoid)))
+            if "full" in first:
+                avoid.append(first["replica"])
+                continue
+            if "error" in first:
+                if first["error"] == "server_busy":
+                    raise ServerBusy(first["message"])
+                raise SessionFailed(first["error"], first["message"])
+            return RemoteHandle(self, stream, first, auto_ack)
+        raise ServerBusy("server busy: every engine replica is full")  # only if replicas vanished meanwhile
+
+    async def resume(self, token: str, from_frame: int, *, owner: str | None = None, auto_ack: bool = True,
+                     client: str | None = None) -> RemoteHandle:  # fmt: skip
+        request = {"kind": "resume", "token": token, "from_frame": from_frame, "owner": owner, "client": client}
+        stream, first = await self._open(request, Route(session=token))
+        if "error" in first:
+            raise SessionFailed(first["error"], first["message"])
+        return RemoteHandle(self, stream, first, auto_ack)
+
+    async def replica_call(self, replica: str, method: str, timeout_s: float) -> Any:
+        """`method` of one replica (None if it did not answer in time, or another answered)."""
+        try:
+            answer = await asyncio.wait_for(
+                remote(getattr(self._handle, method), route=Route(replica=replica)), timeout_s
+            )
+        except (TimeoutError, *REPLICA_GONE):
+            return None
+        return answer if isinstance(answer, dict) and answer.get("replica") == replica else None

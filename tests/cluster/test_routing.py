@@ -1,0 +1,95 @@
+"""The cluster's rules without a cluster: routing order, the autoscaling policy, merged metrics, the builder's
+arguments. (tests/cluster/test_serve.py runs them on a real local Ray cluster.)"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ca2vdm.server.cluster.app import split_args
+from ca2vdm.server.cluster.autoscale import RealtimePolicy, desired_replicas
+from ca2vdm.server.cluster.metrics import exposition, merge
+from ca2vdm.server.cluster.router import Ranking, Route, replica_of
+
+
+def test_a_session_goes_back_to_the_replica_named_in_its_id_or_token():
+    replicas = {"r1": {"spare": 0}, "r2": {"spare": 5}}
+    ranking = Ranking()
+    assert ranking.choose(Route(session="r1-s0a1b2-7"), replicas) == ["r1"]  # a session id
+    assert ranking.choose(Route(session="r1.TOKEN-with-dashes_"), replicas) == ["r1"]  # a resume token
+    assert ranking.choose(Route(replica="r2"), replicas) == ["r2"]
+    # its replica is gone: every replica, most spare first (a resume is taken over where the session was saved)
+    assert ranking.choose(Route(session="gone.TOKEN"), replicas) == ["r2", "r1"]
+    assert replica_of("no-prefix") == "no" and replica_of("") == "" and replica_of(".x") == ""
+
+
+def test_new_sessions_go_where_most_capacity_is_spare_and_full_or_leaving_replicas_come_last():
+    ranking = Ranking()
+    replicas = {"a": {"spare": 2}, "b": {"spare": 1}, "c": {"spare": 3, "draining": True}}
+    assert ranking.choose(Route(new=True), replicas)[0] == "a"
+    # the stats lag: what was sent since counts, so a burst spreads ("a": 2 - 1 = 1 ties "b": either may come first)
+    second = ranking.choose(Route(new=True), replicas)
+    assert set(second[:2]) == {"a", "b"} and second[2] == "c"
+    third = ranking.choose(Route(new=True), replicas)
+    assert third[-1] == "c"
+    fresh = {"a": {"spare": 4}, "b": {"spare": 1}, "c": {"spare": 3, "draining": True}}  # new stats reset the count
+    assert ranking.choose(Route(), fresh)[0] == "a"
+    # a replica that refused the session (it was full) is tried last, with the leaving one
+    assert ranking.choose(Route(avoid=("a",)), fresh) == ["b", "a", "c"]
+
+
+def _ctx(live: dict, capacity: dict, current: int, lo: int = 1, hi: int = 8, state: dict | None = None):
+    return SimpleNamespace(aggregated_metrics={"live_sessions": live, "realtime_capacity": capacity},
+                           current_num_replicas=current, capacity_adjusted_min_replicas=lo,
+                           capacity_adjusted_max_replicas=hi, policy_state=state or {})  # fmt: skip
+
+
+def test_autoscaling_follows_live_sessions_over_realtime_capacity():
+    assert desired_replicas(live=9, capacity_per_replica=4, current=1, target_utilization=0.75) == 3
+    assert desired_replicas(live=0, capacity_per_replica=4, current=3, target_utilization=0.75) == 1
+    policy = RealtimePolicy(target_utilization=0.75, downscale_periods=3)
+    want, state = policy(_ctx({"r1": 4, "r2": 3}, {"r1": 4, "r2": 4}, current=2))
+    assert want == 3  # 7 live sessions need 7 / (4 * 0.75) -> 3 replicas: up at once
+    assert policy(_ctx({"r1": 4}, {"r1": 4}, current=2, hi=2))[0] == 2  # capped by max_replicas
+    # down only after `downscale_periods` low decisions in a row, one replica at a time
+    state: dict = {}
+    decisions = []
+    for _ in range(4):
+        want, state = policy(_ctx({"r1": 0, "r2": 0, "r3": 1}, {"r1": 4, "r2": 4, "r3": 4}, current=3, state=state))
+        decisions.append(want)
+    assert decisions == [3, 3, 2, 3]
+    # nothing reported yet: stay (at least min)
+    assert policy(_ctx({}, {}, current=1, lo=2))[0] == 2
+    with pytest.raises(ValueError):
+        RealtimePolicy(target_utilization=0)
+
+
+def test_metrics_of_replicas_are_labelled_and_summed():
+    text_a = (
+        "# TYPE ca2vdm_sessions_active gauge\nca2vdm_sessions_active 2.0\n"
+        '# TYPE ca2vdm_resumes_total counter\nca2vdm_resumes_total{kind="exact"} 1.0\n'
+        "# TYPE ca2vdm_batch_size histogram\n"
+        'ca2vdm_batch_size_bucket{le="1.0"} 1.0\nca2vdm_batch_size_bucket{le="+Inf"} 3.0\n'
+        "ca2vdm_batch_size_count 3.0\nca2vdm_batch_size_sum 5.0\n"
+    )
+    text_b = text_a.replace("2.0", "5.0").replace("} 1.0", "} 4.0")
+    families = {f.name: f for f in merge({"a": text_a, "b": text_b})}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("ca2vdm_sessions_active", (("replica", "a"),))] == 2.0
+    assert samples[("ca2vdm_sessions_active", (("replica", "b"),))] == 5.0
+    assert samples[("ca2vdm_cluster_sessions_active", ())] == 7.0
+    assert samples[("ca2vdm_cluster_resumes_total", (("kind", "exact"),))] == 5.0
+    assert samples[("ca2vdm_cluster_batch_size_bucket", (("le", "+Inf"),))] == 6.0
+    # the merged families print as valid exposition text
+    assert len(list(text_string_to_metric_families(exposition(list(families.values())).decode()))) == len(families)
+
+
+def test_the_builder_refuses_unknown_or_contradictory_arguments():
+    options, settings = split_args({"replicas": 2, "model": "random:tiny", "max_sessions": 4})
+    assert options.replicas == 2 and settings == {"model": "random:tiny", "max_sessions": 4}
+    for bad in ({"replicaz": 2}, {"replicas": 2, "min_replicas": 1, "max_replicas": 3}, {"min_replicas": 1},
+                {"min_replicas": 3, "max_replicas": 2}, {"max_sessions": 0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            split_args(bad)
