@@ -20,7 +20,8 @@ COPY server ./server
 COPY kernels ./kernels
 COPY client ./client
 COPY ca2vdm ./ca2vdm
-RUN pip install ".[vae]"
+# cluster: Ray Serve, PostgreSQL and S3 clients for the scale-out deployment (deploy/ray, docs/scale-out.md)
+RUN pip install ".[vae,cluster]"
 
 # ---- runtime stage --------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE}
@@ -32,8 +33,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 RUN useradd --create-home --uid 10001 ca2vdm \
-    && mkdir -p /data /models \
-    && chown 10001:10001 /data /models
+    && mkdir -p /data /models /sessions \
+    && chown 10001:10001 /data /models /sessions
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CA2VDM_HOST=0.0.0.0 \

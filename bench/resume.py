@@ -23,7 +23,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from ca2vdm.server.api.serving import serve_in_thread
+from ca2vdm.server.benchmark.timing import git_commit
 from ca2vdm.server.engine.config import EngineConfig
 from ca2vdm.server.engine.engine import Engine
 from ca2vdm.server.engine.session import SessionParams
@@ -212,9 +212,7 @@ def main() -> None:
     result = {
         "benchmark": "resume",
         "command": "python bench/resume.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None),
-        "commit": subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
-        ).stdout.strip(),  # fmt: skip
+        "commit": git_commit(),
         "machine": {
             "device": args.device,
             "cpu": platform.processor() or platform.machine(),

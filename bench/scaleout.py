@@ -1,0 +1,228 @@
+"""Scale-out on Ray Serve: real-time sessions held by 1..N engine replicas against the single server, and what the
+Ray hop costs per websocket message and per REST call.
+
+1. Capacity: `ca2vdm bench --realtime`'s ramp-and-hold (server/benchmark/realtime.py: live viewers join one a second
+   until one stalls, the count is held `--hold-s` with viewers coming and going) against (a) one engine in this
+   process (the single server's engine) and (b) the Ray Serve app with R engine replicas, reached through the
+   ingress's own `RemoteEngine` from this process (the router, the replicas, clips crossing processes as they do to
+   the ingress). Each engine gets `--torch-threads` intra-op threads (CPU) or one GPU.
+2. Overhead: the same requests to the single server (uvicorn) and to the Ray app (Serve's proxy, the ingress, one
+   replica), on loopback: GET /v1/models (REST through the ingress); start -> ready of a stream (a websocket message
+   that reaches a replica and comes back); the interval between clips of a max-pace stream (clips crossing from
+   the replica through the ingress).
+
+    python bench/scaleout.py --replicas 1,2 --torch-threads 1 --out bench/results/scaleout_cpu.json  # 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from websockets.asyncio.client import connect
+
+from ca2vdm.server.api.serving import serve_in_thread
+from ca2vdm.server.benchmark.realtime import ramp_and_hold
+from ca2vdm.server.benchmark.timing import git_commit
+from ca2vdm.server.engine.config import EngineConfig
+from ca2vdm.server.engine.engine import Engine
+from ca2vdm.server.model.loader import load_pipeline
+
+# admission lets every session in (target 1.0, long wait): the ramp, not the estimate, finds the limit (as the
+# realtime bench does)
+RAMP_SETTINGS = {"realtime_target": 1.0, "admission_wait_s": 30.0, "max_waiting": 64, "max_sessions": 32}
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 4)
+
+
+def summary(rows: dict, steps: int, fps: int) -> dict:
+    held = rows["holds"][-1]
+    ttfc = held["joining_first_clip_s"]
+    return {"sessions_held": held["sessions"] if held["stalls"] == 0 else 0, "held_for_s": round(held["hold_s"], 1),
+            "stalls_in_hold": held["stalls"], "ramp_stop": rows["ramp_stop"], "steps": steps, "fps": fps,
+            "joining_first_clip_p50_s": round(statistics.median(ttfc), 3) if ttfc else None,
+            "joining_first_clip_p99_s": pct(ttfc, 99) if ttfc else None, "ramp": rows["ramp"],
+            "holds": rows["holds"]}  # fmt: skip
+
+
+def single_capacity(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.torch_threads)
+    pipe = load_pipeline(args.model, device=args.device, precision=args.precision)
+    steps = args.steps or pipe.config.default_steps
+    config = EngineConfig(max_batch=16, **RAMP_SETTINGS)
+    engine = Engine(pipe, config).start()
+    try:
+        rows = asyncio.run(ramp_and_hold(engine, pipe, steps, args.max_sessions, 1.0, args.hold_s, args.probes))
+    finally:
+        engine.stop()
+    return summary(rows, steps, pipe.config.fps)
+
+
+def _app_args(args: argparse.Namespace, replicas: int, tmp: str) -> dict:
+    return {"replicas": replicas, "model": args.model, "device": args.device, "precision": args.precision,
+            "torch_threads": args.torch_threads if args.device == "cpu" else None, "cpus_per_replica": 0.5,
+            "data_dir": tmp, "max_batch": 16, **RAMP_SETTINGS}  # fmt: skip
+
+
+def ray_capacity(args: argparse.Namespace, replicas: int) -> dict:
+    from ray import serve
+
+    from ca2vdm.server.cluster.app import build
+    from ca2vdm.server.cluster.remote import ENGINE_DEPLOYMENT, RemoteEngine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        serve.run(build(_app_args(args, replicas, tmp)), name="ca2vdm", route_prefix="/")
+
+        async def run() -> dict:
+            engine = await RemoteEngine(serve.get_deployment_handle(ENGINE_DEPLOYMENT, "ca2vdm")).connect()
+            while len(_members(engine)) < replicas:
+                await asyncio.sleep(0.2)
+            spec = engine.pipe
+            steps = args.steps or spec.config.default_steps
+            rows = await ramp_and_hold(engine, spec, steps, args.max_sessions, 1.0, args.hold_s, args.probes)
+            return summary(rows, steps, spec.config.fps)
+
+        try:
+            return asyncio.run(run())
+        finally:
+            serve.delete("ca2vdm")
+
+
+def _members(engine) -> dict:
+    from ca2vdm.server.cluster.membership import members
+
+    return members(engine.deployment)
+
+
+async def _requests(base: str, n: int) -> dict:
+    """Latencies (s) of REST calls, of stream setup (start -> ready) and of clip intervals at pace max."""
+    rest, setup, intervals = [], [], []
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        for _ in range(n):
+            t = time.perf_counter()
+            assert (await client.get("/v1/models")).status_code == 200
+            rest.append(time.perf_counter() - t)
+    ws_url = base.replace("http://", "ws://") + "/v1/stream"
+    for i in range(max(5, n // 10)):
+        async with connect(ws_url, max_size=None) as ws:
+            t = time.perf_counter()
+            await ws.send(json.dumps({"type": "start", "seed": i, "steps": 2, "num_frames": 1 + 8 * 12,
+                                      "format": "jpeg", "pace": "max"}))  # fmt: skip
+            last = None
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    continue
+                data = json.loads(msg)
+                now = time.perf_counter()
+                if data["type"] == "ready":
+                    setup.append(now - t)
+                elif data["type"] == "clip":
+                    if last is not None and data["index"] > 1:
+                        intervals.append(now - last)
+                    last = now
+                    await ws.send(json.dumps({"type": "ack", "frames": data["first_frame"] + data["num_frames"]}))
+                elif data["type"] in ("done", "error"):
+                    break
+    return {name: {"p50_ms": round(1e3 * statistics.median(v), 2), "p99_ms": round(1e3 * pct(v, 99), 2), "n": len(v)}
+            for name, v in (("rest_get_models", rest), ("stream_start_to_ready", setup),
+                            ("clip_interval_max_pace", intervals))}  # fmt: skip
+
+
+def overhead(args: argparse.Namespace) -> dict:
+    from ray import serve
+
+    from ca2vdm.server.cluster.app import build
+
+    torch.set_num_threads(args.torch_threads)
+    pipe = load_pipeline(args.model, device=args.device, precision=args.precision)
+    with tempfile.TemporaryDirectory() as tmp, serve_in_thread(pipe, data_dir=tmp, max_batch=16) as (address, _):
+        single = asyncio.run(_requests(f"http://{address}", args.requests))
+    with tempfile.TemporaryDirectory() as tmp:
+        serve.run(build(_app_args(args, 1, tmp)), name="ca2vdm", route_prefix="/")
+        try:
+            via_ray = asyncio.run(_requests(f"http://127.0.0.1:{args.port}", args.requests))
+        finally:
+            serve.delete("ca2vdm")
+    return {"single_server": single, "ray_serve": via_ray,
+            "added_ms_p50": {k: round(via_ray[k]["p50_ms"] - single[k]["p50_ms"], 2) for k in single}}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model spec (default: the packaged default model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--replicas", default="1,2", help="replica counts to measure, comma-separated")
+    ap.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per engine (CPU)")
+    ap.add_argument("--hold-s", type=float, default=30.0)
+    ap.add_argument("--probes", type=int, default=6)
+    ap.add_argument("--max-sessions", type=int, default=24)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs Ray sees (default: replicas, logical on CPU)")
+    ap.add_argument("--skip", default="", help="comma-separated: single, ray, overhead")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    counts = [int(c) for c in args.replicas.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
+    result: dict = {
+        "benchmark": "scaleout",
+        "command": "python bench/scaleout.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "")),  # fmt: skip
+        "commit": git_commit(),
+        "machine": {
+            "device": args.device,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "card": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+        },  # fmt: skip
+    }
+    if "single" not in skip:
+        result["single_server"] = single_capacity(args)
+        print("single server:", {k: v for k, v in result["single_server"].items() if k not in ("ramp", "holds")})
+    if "ray" not in skip or "overhead" not in skip:
+        import ray
+        from ray import serve
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            args.port = sock.getsockname()[1]
+        gpus = args.gpus or max(counts)
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        try:
+            if "ray" not in skip:
+                result["ray"] = {}
+                for r in counts:
+                    result["ray"][str(r)] = ray_capacity(args, r)
+                    print(f"ray, {r} replicas:", {k: v for k, v in result["ray"][str(r)].items()
+                                                  if k not in ("ramp", "holds")})  # fmt: skip
+                one = result["ray"].get("1", {}).get("sessions_held") or None
+                result["scaling"] = {r: (v["sessions_held"] / one if one else None) for r, v in result["ray"].items()}
+            if "overhead" not in skip:
+                result["overhead"] = overhead(args)
+                print("overhead:", json.dumps(result["overhead"], indent=1))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
