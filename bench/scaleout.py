@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ import httpx
 import numpy as np
 import torch
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from ca2vdm.server.api.serving import serve_in_thread
 from ca2vdm.server.benchmark.realtime import ramp_and_hold
@@ -133,7 +135,8 @@ async def _requests(base: str, n: int) -> dict:
                     if last is not None and data["index"] > 1:
                         intervals.append(now - last)
                     last = now
-                    await ws.send(json.dumps({"type": "ack", "frames": data["first_frame"] + data["num_frames"]}))
+                    with contextlib.suppress(ConnectionClosed):  # the server may have finished meanwhile
+                        await ws.send(json.dumps({"type": "ack", "frames": data["first_frame"] + data["num_frames"]}))
                 elif data["type"] in ("done", "error"):
                     break
     return {name: {"p50_ms": round(1e3 * statistics.median(v), 2), "p99_ms": round(1e3 * pct(v, 99), 2), "n": len(v)}
@@ -191,8 +194,14 @@ def main() -> None:
             "card": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
         },  # fmt: skip
     }
+
+    def save() -> None:  # after each part: a run cut short keeps what it measured
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+
     if "single" not in skip:
         result["single_server"] = single_capacity(args)
+        save()
         print("single server:", {k: v for k, v in result["single_server"].items() if k not in ("ramp", "holds")})
     if "ray" not in skip or "overhead" not in skip:
         import ray
@@ -209,6 +218,7 @@ def main() -> None:
                 result["ray"] = {}
                 for r in counts:
                     result["ray"][str(r)] = ray_capacity(args, r)
+                    save()
                     print(f"ray, {r} replicas:", {k: v for k, v in result["ray"][str(r)].items()
                                                   if k not in ("ramp", "holds")})  # fmt: skip
                 one = result["ray"].get("1", {}).get("sessions_held") or None
@@ -219,8 +229,8 @@ def main() -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
+    save()
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
         print("wrote", args.out)
 
 

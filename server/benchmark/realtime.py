@@ -119,7 +119,8 @@ async def ramp_and_hold(engine: Engine, pipe: Pipeline, steps: int, max_sessions
         starving = await _observe(viewers, join_every_s)
         stalled = sum(v.stalls for v in viewers) + starving
         refused = [v for v in viewers if v.refused]
-        waiting = engine.num_waiting  # a joiner not admitted within the interval: no real-time capacity left
+        # a joiner not admitted within the interval: no real-time capacity left (a cluster's engines are asked now)
+        waiting = await engine.waiting_now() if hasattr(engine, "waiting_now") else engine.num_waiting
         ramp.append({"sessions": n, "stalls": stalled, "refused": len(refused), "waiting": waiting})
         if stalled or refused or waiting:
             stop_reason = "stall" if stalled else "not admitted" if waiting else f"refused: {refused[0].refused}"

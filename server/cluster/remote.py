@@ -170,6 +170,11 @@ class RemoteEngine:
         """Sessions waiting for admission on the replicas (as of their last routing stats, ~1 s old)."""
         return sum(int(stats.get("waiting", 0)) for stats in members(self.deployment).values())
 
+    async def waiting_now(self) -> int:
+        """Sessions waiting for admission on the replicas, asked of each now (not the ~1 s old routing stats)."""
+        answers = await asyncio.gather(*(self.replica_call(r, "ping", 2.0) for r in members(self.deployment)))
+        return sum(a["waiting"] for a in answers if a is not None)
+
     def realtime_capacity(self, steps: int | None = None) -> int:
         return sum(int(stats.get("capacity", 0)) for stats in members(self.deployment).values())
 

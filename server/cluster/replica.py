@@ -150,7 +150,7 @@ class EngineReplica:
         return {"replica": self.id, "text": metrics_text(self.engine, None)}
 
     async def ping(self, route: Route | None = None) -> dict:
-        return {"replica": self.id}
+        return {"replica": self.id, "waiting": self.engine.num_waiting}
 
     # ---- what Serve asks -------------------------------------------------------------------------------
 
