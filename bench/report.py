@@ -138,6 +138,47 @@ def table() -> str:
             "resume_cpu.json",
         )
     )
+    one, two = _load("scaleout_h200.json"), _load("scaleout_h200x2.json")
+    held = [one["single_server"], one["ray"]["1"], two["ray"]["2"]]
+    rows.append(
+        (
+            "live XL/2 viewers held at 8 fps, 25 DDIM steps, bf16: single server / Ray Serve, 1 replica / 2 replicas "
+            "on 2 GPUs (joining first clip p50)",
+            " / ".join(str(h["sessions_held"]) for h in held)
+            + " ("
+            + " / ".join(f"{h['joining_first_clip_p50_s']:.2f}" for h in held)
+            + " s)",
+            "NVIDIA H200 (×2 for 2 replicas)",
+            "scaleout_h200.json, scaleout_h200x2.json",
+        )
+    )
+    for name, card, shape in (
+        ("scaleout_cpu16_h200host.json", "16 CPU cores", "default model's shape, 4 threads each"),
+        ("scaleout_cpu.json", "cpu, 2 cores", "default model, 4 steps, 1 thread each"),
+    ):
+        run = _load(name)
+        counts = [run["single_server"]] + [run["ray"][k] for k in sorted(run["ray"], key=int)]
+        rows.append(
+            (
+                f"live viewers held at 8 fps, {shape}: single server / Ray Serve with "
+                + " / ".join(sorted(run["ray"], key=int))
+                + " replicas",
+                " / ".join(str(c["sessions_held"]) for c in counts),
+                card,
+                name,
+            )
+        )
+    for name, card in (("scaleout_h200_overhead.json", "NVIDIA H200 host"), ("scaleout_cpu.json", "cpu, 2 cores")):
+        added = _load(name)["overhead"]["added_ms_p50"]
+        rows.append(
+            (
+                "the Ray Serve hop, p50 added to the single server's: REST call / stream start to ready / clip gap",
+                f"{added['rest_get_models']:+.1f} / {added['stream_start_to_ready']:+.1f} / "
+                f"{added['clip_interval_max_pace']:+.1f} ms",
+                card,
+                name,
+            )
+        )
     train = _load("train_small_sprites_h200.json")
     ev = train["eval"]
     chain = _load("train_small_sprites_h100.json")["runs"] + train["runs"]  # the chain began on the H100
