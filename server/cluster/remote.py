@@ -165,13 +165,9 @@ class RemoteEngine:
         """At least one replica is running (as Serve tells this process's router)."""
         return bool(members(self.deployment))
 
-    @property
-    def num_waiting(self) -> int:
-        """Sessions waiting for admission on the replicas (as of their last routing stats, ~1 s old)."""
-        return sum(int(stats.get("waiting", 0)) for stats in members(self.deployment).values())
-
     async def waiting_now(self) -> int:
-        """Sessions waiting for admission on the replicas, asked of each now (not the ~1 s old routing stats)."""
+        """Sessions waiting for admission on the replicas, asked of each now (routing stats are up to a period
+        old: a session being admitted would read as waiting). What the realtime bench asks of a cluster."""
         answers = await asyncio.gather(*(self.replica_call(r, "ping", 2.0) for r in members(self.deployment)))
         return sum(a["waiting"] for a in answers if a is not None)
 

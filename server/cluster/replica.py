@@ -156,10 +156,16 @@ class EngineReplica:
 
     def spare_sessions(self, steps: int | None = None) -> int:
         """Live sessions this replica could still take and keep in real time (and within its page pool)."""
+        return min(self.engine.realtime_capacity(steps) - self._live_sessions(), self._free_slots())
+
+    def _live_sessions(self) -> int:
+        """Live sessions holding (or waiting for) a share of real-time capacity: not paused, not detached."""
+        s = self.engine.scheduler
+        return len(s.live_steps()) + len(s.waiting_live)
+
+    def _free_slots(self) -> int:
         e = self.engine
-        live = len(e.scheduler.live_steps()) + len(e.scheduler.waiting_live)
-        memory = e.config.max_sessions - e.num_active - e.num_waiting
-        return min(e.realtime_capacity(steps) - live, memory)
+        return e.config.max_sessions - e.num_active - e.num_waiting
 
     def has_room(self, params: SessionParams) -> bool:
         """Would the session start now: a live one within real-time capacity, a background one in a free slot."""
@@ -167,19 +173,18 @@ class EngineReplica:
             return self.spare_sessions(params.steps) > 0
         e = self.engine
         background = sum(not s.is_live for s in list(e.scheduler.active)) + len(e.scheduler.waiting_background)
-        free = e.config.max_sessions - e.num_active - e.num_waiting
-        return free > 0 and background < e.config.max_background_sessions
+        return self._free_slots() > 0 and background < e.config.max_background_sessions
 
     async def record_routing_stats(self) -> dict:
         await self._start_background()
         return {"spare": 0 if self.draining else self.spare_sessions(), "capacity": self.engine.realtime_capacity(),
-                "free_pages": self.engine.runner.num_free_pages, "waiting": self.engine.num_waiting,
-                "draining": self.draining}  # fmt: skip
+                "free_pages": self.engine.runner.num_free_pages, "draining": self.draining}  # fmt: skip
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        e = self.engine
-        live = len(e.scheduler.live_steps()) + len(e.scheduler.waiting_live)
-        return {"live_sessions": float(live), "realtime_capacity": float(e.realtime_capacity())}
+        return {
+            "live_sessions": float(self._live_sessions()),
+            "realtime_capacity": float(self.engine.realtime_capacity()),
+        }
 
     async def check_health(self) -> None:
         if not self._stopped and not self.engine.alive:
