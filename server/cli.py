@@ -181,17 +181,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.data == "sprites":
         from .train.sprites import SpritesConfig, SpritesDataset
 
+        # scenes 1e6 * (1 + seed) onwards: disjoint across seeds, and never an evaluation scene (seeds 10000...)
         data = SpritesDataset(SpritesConfig(height=size[0], width=size[1], num_frames=frames), length=1_000_000,
-                              seed=args.seed)  # fmt: skip
+                              seed=1_000_000 * (1 + args.seed), with_background=args.degrade_prob > 0)  # fmt: skip
     else:
         from .train.video_folder import VideoFolderDataset
 
+        if args.degrade_prob > 0:
+            raise ValueError("--degrade-prob needs each clip's background: only --data sprites has it")
         data = VideoFolderDataset(args.data, size=size, num_frames=frames, seed=args.seed)
     max_seconds = args.max_minutes * 60 if args.max_minutes else None
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       ckpt_every=args.ckpt_every, log_every=args.log_every, num_workers=args.num_workers,
                       warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, max_seconds=max_seconds,
-                      compile=args.compile)  # fmt: skip
+                      compile=args.compile, degrade_prob=args.degrade_prob, rollout_prob=args.rollout_prob,
+                      rollout_steps=args.rollout_steps)  # fmt: skip
     trainer = Trainer(pipe, cfg, data, args.out, device=str(resolve_device(args.device)))
     if args.init_from and not (args.resume and (Path(args.out) / "trainer.pt").is_file()):
         trainer.init_from(args.init_from)
@@ -286,6 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-minutes", type=float, default=_env("max_minutes", None, float),
                        help="wall-clock budget: stop and save at the first step past it")  # fmt: skip
     train.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    train.add_argument(
+        "--degrade-prob",
+        type=float,
+        default=_env("degrade_prob", 0.0, float),
+        help="share of samples whose prefix is blurred and faded (sprites only)",
+    )
+    train.add_argument(
+        "--rollout-prob",
+        type=float,
+        default=_env("rollout_prob", 0.0, float),
+        help="share of steps whose prefix ends in chunks the model generated itself",
+    )
+    train.add_argument(
+        "--rollout-steps",
+        type=int,
+        default=_env("rollout_steps", 10, int),
+        help="DDIM steps of those self-generated chunks",
+    )
     train.add_argument("--seed", type=int, default=_env("seed", 0, int))
     train.add_argument("--log-every", type=int, default=_env("log_every", 50, int))
     train.add_argument("--ckpt-every", type=int, default=_env("ckpt_every", 1000, int))

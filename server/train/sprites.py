@@ -290,18 +290,25 @@ def render_labels(state: SceneState, antialias: bool = True, threshold: float = 
 
 class SpritesDataset(Dataset):
     """Clip i is ``render_clip(cfg, seed + i)`` as a uint8 tensor (3, T, H, W), the model's layout (the trainer
-    scales to [-1, 1] on its device: a quarter of the bytes through the data-loader's shared memory)."""
+    scales to [-1, 1] on its device: a quarter of the bytes through the data-loader's shared memory).
 
-    def __init__(self, cfg: SpritesConfig, length: int, seed: int = 0) -> None:
+    With ``with_background`` an item is ``(clip, background)``, the background (3, H, W) uint8 without sprites:
+    what the trainer fades degraded context towards (``ca2vdm.server.train.context``)."""
+
+    def __init__(self, cfg: SpritesConfig, length: int, seed: int = 0, with_background: bool = False) -> None:
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
-        self.cfg, self.length, self.seed = cfg, length, seed
+        self.cfg, self.length, self.seed, self.with_background = cfg, length, seed, with_background
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for {self.length} clips")
-        frames, _ = render_clip(self.cfg, self.seed + i)
-        return torch.from_numpy(frames).permute(3, 0, 1, 2).contiguous()
+        frames, state = render_clip(self.cfg, self.seed + i)
+        clip = torch.from_numpy(frames).permute(3, 0, 1, 2).contiguous()
+        if not self.with_background:
+            return clip
+        background = np.clip(np.rint(state.background.render(self.cfg.height, self.cfg.width)), 0, 255)
+        return clip, torch.from_numpy(background.astype(np.uint8)).permute(2, 0, 1).contiguous()

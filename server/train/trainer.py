@@ -27,8 +27,10 @@ from tqdm import tqdm
 
 from ca2vdm.server.model.checkpoint import load_state_dict_strict, read_model_dir, save_model_dir
 from ca2vdm.server.model.config import PipelineConfig
+from ca2vdm.server.model.diffusion import make_sampler
 from ca2vdm.server.model.stdit import CausalSTDiT
 
+from .context import degrade_prefix, rollout_prefix
 from .losses import TrainingDiffusion
 
 log = logging.getLogger("ca2vdm.train")
@@ -50,6 +52,10 @@ class TrainConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up from 0
     max_seconds: float | None = None  # wall-clock budget: stop (and save) at the first step past it
     compile: bool = False  # run the training forward under torch.compile (the saved weights are unaffected)
+    # imperfect context (`context.py`), the ground-truth continuation still the target:
+    degrade_prob: float = 0.0  # share of samples whose prefix is blurred and faded towards the background
+    rollout_prob: float = 0.0  # share of steps whose prefix ends in chunks the EMA model generated itself
+    rollout_steps: int = 10  # DDIM steps of those generated chunks (the served default)
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.log_every, self.ckpt_every) < 1 or self.lr <= 0:
@@ -60,6 +66,8 @@ class TrainConfig:
             raise ValueError("max_seconds must be > 0")
         if not 0 <= self.ema_decay < 1 or not 0 <= self.prefix_perturb_t < 1000:
             raise ValueError("ema_decay in [0, 1), prefix_perturb_t in [0, 1000)")
+        if not (0 <= self.degrade_prob <= 1 and 0 <= self.rollout_prob <= 1) or self.rollout_steps < 1:
+            raise ValueError("degrade_prob and rollout_prob in [0, 1], rollout_steps >= 1")
 
 
 def prefix_lengths(pipe: PipelineConfig) -> list[int]:
@@ -99,16 +107,19 @@ def init_for_training(model: CausalSTDiT, seed: int) -> CausalSTDiT:
 
 
 def training_step_inputs(clips: torch.Tensor, prefix: int, chunk: int, diffusion: TrainingDiffusion, cfg: TrainConfig,
-                         max_tpe_len: int, gen: torch.Generator,
-                         noise_gen: torch.Generator | None = None) -> dict:  # fmt: skip
+                         max_tpe_len: int, gen: torch.Generator, noise_gen: torch.Generator | None = None,
+                         context: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:  # fmt: skip
     """Model inputs for one step from clips (B, C, T, H, W) in [-1, 1]. `gen` (CPU) draws the scalars; the
     Gaussian noise comes from `noise_gen` on the clips' device (default: `gen`, on the CPU). Drawing ~10 M
-    normals per step on the CPU took longer than the whole GPU step."""
+    normals per step on the CPU took longer than the whole GPU step. `context` maps the window of P + l true
+    frames to the P prefix frames the model sees instead of the true ones (degraded or self-generated; the
+    targets stay the true frames)."""
     b, _, t_total = clips.shape[:3]
     dev = clips.device
     length = prefix + chunk
     start = int(torch.randint(0, t_total - length + 1, (1,), generator=gen))
     x0 = clips[:, :, start : start + length]
+    shown = x0[:, :, :prefix] if context is None else context(x0)
     noise_gen = noise_gen or gen  # per-sample draws on the device: a host-to-device copy would sync the stream
     t_noise = torch.randint(0, diffusion.num_steps, (b,), generator=noise_gen, device=noise_gen.device).to(dev)
     t = torch.zeros(b, length, dtype=torch.long, device=dev)
@@ -116,13 +127,12 @@ def training_step_inputs(clips: torch.Tensor, prefix: int, chunk: int, diffusion
     noise = torch.randn(x0.shape, generator=noise_gen, device=noise_gen.device).to(dev)
     x_t = diffusion.q_sample(x0, t, noise)
     if cfg.prefix_perturb_t > 0:  # the prefix as the model will see it at inference: slightly noised, labelled t=0
-        clean = x0[:, :, :prefix]
         tp = torch.full((b, prefix), cfg.prefix_perturb_t, dtype=torch.long, device=dev)
         x_t[:, :, :prefix] = diffusion.q_sample(
-            clean, tp, torch.randn(clean.shape, generator=noise_gen, device=noise_gen.device).to(dev)
+            shown, tp, torch.randn(shown.shape, generator=noise_gen, device=noise_gen.device).to(dev)
         )
     else:
-        x_t[:, :, :prefix] = x0[:, :, :prefix]
+        x_t[:, :, :prefix] = shown
     cond = torch.zeros(b, length, device=dev)
     cond[:, :prefix] = 1
     tpe_start: torch.Tensor | int = 0  # per-sample offsets, drawn on the device (an int would recompile under compile)
@@ -182,10 +192,17 @@ class Trainer:
         self.noise_gen = torch.Generator(self.device).manual_seed(cfg.seed + 2)
         self.step = 0
         self.history: list[dict] = []
+        self._rollout_sampler = make_sampler("ddim", cfg.rollout_steps, clip_x0=pipe.codec == "pixel")
         self._batch_iter = None  # one stream of batches across train() calls (workers keep prefetching)
 
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+        """Everything a resumed run needs. AdamW's moments are kept in bf16 (loading casts them back to fp32):
+        the whole state of the `small` preset is then 58 MB instead of 77, small enough to carry from one
+        10-minute GPU run to the next."""
+        opt = self.opt.state_dict()
+        opt["state"] = {i: {k: v.to(torch.bfloat16) if k.startswith("exp_avg") else v for k, v in st.items()}
+                        for i, st in opt["state"].items()}  # fmt: skip
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": opt,
                 "step": self.step, "gen": self.gen.get_state(),
                 "noise_gen": self.noise_gen.get_state(), "history": self.history,
                 "pipe": self.pipe.to_dict(), "cfg": asdict(self.cfg)}  # fmt: skip
@@ -219,9 +236,12 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.history = state["step"], state["history"]
-        self.gen.set_state(state["gen"])
+        self.gen.set_state(state["gen"].cpu())  # map_location moved it to the training device
         if "noise_gen" in state:
-            self.noise_gen.set_state(state["noise_gen"].cpu())
+            try:
+                self.noise_gen.set_state(state["noise_gen"].cpu())
+            except RuntimeError:  # saved on another device type (a CUDA run resumed on the CPU): its own seed
+                log.warning("noise generator state from another device type: keeping this run's seed")
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -234,12 +254,36 @@ class Trainer:
             self._batch_iter = self._batches()
         return next(self._batch_iter)
 
-    def optimise(self, clips: torch.Tensor, prefix: int) -> tuple[dict, torch.Tensor]:
+    def _context(self, background: torch.Tensor | None, prefix: int, rollout: bool):
+        """The `context` of `training_step_inputs` for this step: the model's own chunks after the first 1 + l true
+        frames (`rollout`), then, per sample with probability degrade_prob, blur and fade; None: the true prefix."""
+        cfg, chunk = self.cfg, self.pipe.chunk_frames
+        degrade = cfg.degrade_prob > 0 and background is not None
+        if not (rollout or degrade):
+            return None
+
+        def context(window: torch.Tensor) -> torch.Tensor:
+            shown = window[:, :, :prefix]
+            if rollout:
+                shown = rollout_prefix(self.ema, window, 1 + chunk, prefix, chunk, self._rollout_sampler,
+                                       self.cfg.prefix_perturb_t, self.noise_gen)  # fmt: skip
+            if degrade:
+                b, dev = window.shape[0], window.device
+                apply = torch.rand(b, generator=self.noise_gen, device=self.noise_gen.device).to(dev) < cfg.degrade_prob
+                shown = degrade_prefix(shown, background, apply, self.noise_gen)
+            return shown
+
+        return context
+
+    def optimise(self, clips: torch.Tensor, prefix: int, background: torch.Tensor | None = None,
+                 rollout: bool = False) -> tuple[dict, torch.Tensor]:  # fmt: skip
         """One optimisation step on clips (B, C, T, H, W) in [-1, 1] with `prefix` conditional frames; returns the
-        loss terms and the gradient norm as device tensors. Nothing in it waits for the GPU."""
+        loss terms and the gradient norm as device tensors. Nothing in it waits for the GPU. `background`
+        (B, C, H, W) lets degrade_prob fade the prefix; `rollout` generates its later chunks with the EMA model."""
         cfg, pipe = self.cfg, self.pipe
+        context = self._context(background, prefix, rollout)
         inputs = training_step_inputs(clips, prefix, pipe.chunk_frames, self.diffusion, cfg, pipe.model.max_tpe_len,
-                                      self.gen, self.noise_gen)  # fmt: skip
+                                      self.gen, self.noise_gen, context)  # fmt: skip
         _, terms = step_loss(self.forward, self.diffusion, inputs)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -252,8 +296,12 @@ class Trainer:
     def train(self) -> list[dict]:
         cfg, pipe = self.cfg, self.pipe
         prefixes = prefix_lengths(pipe)
+        rollout_prefixes = [p for p in prefixes if p > 1 + pipe.chunk_frames]  # room for a generated chunk
         rng = random.Random(cfg.seed + self.step)
         started = time.perf_counter()
+        if self.step >= cfg.steps:  # a resumed state already at (or past) the target: write its model directory
+            self.save()
+            return self.history
         data_wait = 0.0  # seconds spent waiting for batches (a data-bound run shows it growing with `seconds`)
         with tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step") as bar:
             while self.step < cfg.steps:
@@ -265,9 +313,15 @@ class Trainer:
                     for group in self.opt.param_groups:
                         group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
                 waited = time.perf_counter()
-                clips = to_model_range(self._next_batch().to(self.device, non_blocking=True))
+                batch = self._next_batch()
+                clips, background = batch if isinstance(batch, (tuple, list)) else (batch, None)
+                clips = to_model_range(clips.to(self.device, non_blocking=True))
+                if background is not None:
+                    background = to_model_range(background.to(self.device, non_blocking=True))
                 data_wait += time.perf_counter() - waited
-                terms, grad_norm = self.optimise(clips, rng.choice(prefixes))
+                rollout = bool(rollout_prefixes) and cfg.rollout_prob > 0 and rng.random() < cfg.rollout_prob
+                prefix = rng.choice(rollout_prefixes if rollout else prefixes)
+                terms, grad_norm = self.optimise(clips, prefix, background, rollout)
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     row = {"step": self.step, **{k: float(v.detach()) for k, v in terms.items()},
