@@ -79,7 +79,7 @@ def browser():
 def test_player_plays_streamed_video(browser, tiny_pipe):
     with running_server(tiny_pipe) as address:
         browser.call("Page.enable")
-        browser.call("Page.navigate", url=f"http://{address}/?autostart=1&frames=41&steps=2&sample=sky")
+        browser.call("Page.navigate", url=f"http://{address}/?autostart=1&frames=41&steps=2&sample=shapes")
         samples = []
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -216,7 +216,7 @@ def _poll(browser, until, timeout: float = 30.0) -> dict:
 
 def _open_player(browser, address: str, **reconnect) -> None:
     browser.call("Page.enable")
-    browser.call("Page.navigate", url=f"http://{address}/?frames=41&sample=sky")
+    browser.call("Page.navigate", url=f"http://{address}/?frames=41&sample=shapes")
     deadline = time.monotonic() + 30
     while not browser.evaluate("!!(window.ca2vdm && window.ca2vdm.reconnect && document.readyState == 'complete')"):
         assert time.monotonic() < deadline, "the player did not load"
@@ -272,7 +272,7 @@ def test_player_resumes_the_real_server_through_cut_connections(browser, tiny_pi
         proxied = asyncio.run_coroutine_threadsafe(proxy.__aenter__(), loop).result(10)
         try:
             browser.call("Page.enable")
-            browser.call("Page.navigate", url=f"http://{proxied}/?frames=81&steps=2&sample=sky")
+            browser.call("Page.navigate", url=f"http://{proxied}/?frames=81&steps=2&sample=shapes")
             deadline = time.monotonic() + 30
             while not browser.evaluate("!!(window.ca2vdm && window.ca2vdm.reconnect && "
                                        "document.readyState == 'complete')"):  # fmt: skip

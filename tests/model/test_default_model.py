@@ -39,3 +39,25 @@ def test_the_wheel_carries_the_default_model(built_wheel):
     names = set(zipfile.ZipFile(built_wheel).namelist())
     for name in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, SHEET_FILE):
         assert f"ca2vdm/server/weights/default/{name}" in names, name
+
+
+def test_every_player_sample_is_a_scene_the_default_model_knows():
+    """The player's sample images, as the server resizes them for the default model, are sprites scenes: one to three
+    sprites that the tracker finds, each of a fully saturated colour (the training data's; a sky's clouds or pastel
+    shapes are not)."""
+    import re
+
+    import numpy as np
+
+    from ca2vdm.server.media.image import load_image
+    from ca2vdm.server.train.tracking import track
+
+    static = DEFAULT_MODEL_DIR.parent.parent / "api" / "static"
+    names = re.findall(r'src="/static/(samples/[^"]+)"', (static / "index.html").read_text())
+    assert len(names) >= 2, names
+    for name in names:
+        frame = load_image(static / name, size=(32, 32)).numpy()
+        found = track(np.repeat(frame[None], 2, 0)).detections[0]
+        assert 1 <= len(found) <= 3, (name, found)
+        for d in found:  # anti-aliased edges mix in a little background
+            assert max(d.colour) >= 200 and min(d.colour) <= 60, (name, d)
