@@ -195,7 +195,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       ckpt_every=args.ckpt_every, log_every=args.log_every, num_workers=args.num_workers,
                       warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, max_seconds=max_seconds,
                       compile=args.compile, degrade_prob=args.degrade_prob, rollout_prob=args.rollout_prob,
-                      rollout_steps=args.rollout_steps)  # fmt: skip
+                      rollout_steps=args.rollout_steps, rollout_bf16=args.rollout_bf16)  # fmt: skip
     trainer = Trainer(pipe, cfg, data, args.out, device=str(resolve_device(args.device)))
     if args.init_from and not (args.resume and (Path(args.out) / "trainer.pt").is_file()):
         trainer.init_from(args.init_from)
@@ -238,7 +238,7 @@ def _cmd_package(args: argparse.Namespace) -> int:
     from .train.package import package_from_files
 
     out = package_from_files(args.model_dir, args.out, args.runs, args.eval, args.random_eval, args.data, args.card,
-                             args.sheet, args.limitations)  # fmt: skip
+                             args.sheet, args.limitations, args.long_eval)  # fmt: skip
     print(f"packaged {args.model_dir} into {out}")
     return 0
 
@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("rollout_steps", 10, int),
         help="DDIM steps of those self-generated chunks",
     )
+    train.add_argument("--rollout-bf16", action="store_true", help="generate them under bf16 autocast on CUDA")
     train.add_argument("--seed", type=int, default=_env("seed", 0, int))
     train.add_argument("--log-every", type=int, default=_env("log_every", 50, int))
     train.add_argument("--ckpt-every", type=int, default=_env("ckpt_every", 1000, int))
@@ -340,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     pkg.add_argument("--card", required=True, help="the accelerator it was trained on")
     pkg.add_argument("--sheet", default=None, help="the PNG of ca2vdm eval --sheet, shown in the card")
     pkg.add_argument("--limitations", default=None, help="what the weights cannot do yet (a card section)")
+    pkg.add_argument("--long-eval", default=None, help="ca2vdm eval --ar-steps 120 JSON, summarised per 10 AR steps")
     pkg.add_argument("--out", default=str(Path(__file__).resolve().parent / "weights" / "default"))
     pkg.set_defaults(func=_cmd_package)
 

@@ -67,23 +67,32 @@ def degrade_prefix(prefix: Tensor, background: Tensor, apply: Tensor, gen: torch
 
 @torch.no_grad()
 def rollout_prefix(model: CausalSTDiT, window: Tensor, head: int, prefix: int, chunk: int, sampler: Sampler,
-                   prefix_perturb_t: int, gen: torch.Generator) -> Tensor:  # fmt: skip
+                   prefix_perturb_t: int, gen: torch.Generator, bf16: bool = False) -> Tensor:  # fmt: skip
     """The prefix (B, C, `prefix`, H, W) whose first `head` frames are the window's (B, C, >= prefix, H, W) true
     ones and whose remaining frames the model generated, `chunk` frames at a time, exactly as inference does:
     the true frames and every generated chunk are perturbed to `prefix_perturb_t` and written into a dense
-    cache, and each chunk is sampled against it from noise. The model should be the EMA copy in eval mode."""
+    cache, and each chunk is sampled against it from noise. The model should be the EMA copy in eval mode.
+    `bf16` runs the forwards under bf16 autocast, as training runs its own (patch embedding and output layer
+    stay fp32; the cache keeps fp32 and attention casts)."""
     if (prefix - head) % chunk or not 0 < head <= prefix <= window.shape[2]:
         raise ValueError(f"prefix {prefix} must be head {head} plus whole chunks of {chunk} within the window")
-    b, c, _, h, w = window.shape
     dev = window.device
     sampler = sampler.to(dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        return _rollout(model, window, head, prefix, chunk, sampler, prefix_perturb_t, gen)
+
+
+def _rollout(model: CausalSTDiT, window: Tensor, head: int, prefix: int, chunk: int, sampler: Sampler,
+             prefix_perturb_t: int, gen: torch.Generator) -> Tensor:  # fmt: skip
+    b, c, _, h, w = window.shape
+    dev = window.device
     cache = DenseKVCache.for_model(model, batch_size=b, max_frames=prefix)
     frames = [window[:, :, :head].float()]
     model.write(cache, perturb_for_cache(frames[0], sampler, prefix_perturb_t, gen))
     made = head
     while made < prefix:
         noise = torch.randn((b, c, chunk, h, w), generator=gen, device=dev)
-        out = sampler.sample_loop(lambda x, t: model.denoise(cache, x, t), noise, generator=gen)
+        out = sampler.sample_loop(lambda x, t: model.denoise(cache, x, t).float(), noise, generator=gen)
         frames.append(out)
         made += chunk
         if made < prefix:

@@ -48,11 +48,14 @@ def evaluate(pipe: Pipeline, *, seeds: list[int], ar_steps: int = 30, sampler: s
         model_rows.append(compare_per_window(video[1:], truth[1:], window=pipe.config.chunk_frames))
         truth_rows.append(compare_per_window(truth[1:], truth[1:], window=pipe.config.chunk_frames))
     per_step = [float(np.mean([rows[i]["score"] for rows in model_rows])) for i in range(ar_steps)]
+    # share of the videos whose window is mostly blank or mostly frozen: a dead video, whatever its score
+    collapsed = [float(np.mean([max(rows[i]["blank"], rows[i]["frozen"]) > 0.5 for rows in model_rows]))
+                 for i in range(ar_steps)]  # fmt: skip
     truth_step = [float(np.mean([rows[i]["score"] for rows in truth_rows])) for i in range(ar_steps)]
     # what the score is made of, averaged over videos and AR steps (pos_err: drift from the true continuation)
     parts = {key: _mean_finite([r[key] for rows in model_rows for r in rows])
              for key in ("s_count", "s_speed", "s_jump", "blank", "frozen", "noise", "pos_err")}  # fmt: skip
     return {"model": pipe.name, "seeds": seeds, "ar_steps": ar_steps, "sampler": sampler, "steps": steps,
-            "score_per_step": per_step, "truth_score_per_step": truth_step,
+            "score_per_step": per_step, "truth_score_per_step": truth_step, "collapsed_per_step": collapsed,
             "score": float(np.mean(per_step)), "truth_score": float(np.mean(truth_step)), "parts": parts,
             **({"videos": kept} if keep_videos else {})}  # fmt: skip

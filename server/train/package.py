@@ -43,10 +43,24 @@ def _eval_table(trained: dict, random: dict | None, chunk: int) -> list[str]:
     return rows
 
 
+def _long_eval_table(long: dict, per: int = 10) -> list[str]:
+    """Mean score of every `per` AR steps of a long evaluation (e.g. 120 AR steps, 2 minutes at 8 fps)."""
+    s, chunk = long["score_per_step"], long.get("chunk_frames", 8)
+    rows = ["| AR steps | seconds at 8 fps | score | blank or frozen windows |", "|---|---|---|---|"]
+    dead = long.get("collapsed_per_step")
+    for i in range(0, len(s), per):
+        j = min(i + per, len(s))
+        cells = [f"{i + 1}–{j}", f"{i * chunk / 8:.0f}–{j * chunk / 8:.0f}", f"{sum(s[i:j]) / (j - i):.3f}",
+                 f"{sum(dead[i:j]) / (j - i):.2f}" if dead else "—"]  # fmt: skip
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, trained: dict, random: dict | None = None,
-               sheet: str | None = None, limitations: str | None = None) -> str:  # fmt: skip
+               sheet: str | None = None, limitations: str | None = None, long: dict | None = None) -> str:  # fmt: skip
     """Markdown model card. `runs`: [{"command", "steps", "minutes", "history": [...]}] in training order;
-    `limitations`: what the weights cannot do yet, in the packager's words."""
+    `limitations`: what the weights cannot do yet, in the packager's words; `long`: a longer `ca2vdm eval`
+    (e.g. --ar-steps 120), summarised per 10 AR steps."""
     config, _ = read_model_dir(model_dir)  # validates the directory too
     mc = config.model
     steps = sum(r["steps"] for r in runs)
@@ -70,7 +84,8 @@ def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, train
         "## Training",
         f"- card: {card}; {steps:,} steps in {minutes:.1f} min"
         + (f"; last logged batch: epsilon-MSE {last['mse']:.4f}, L_vlb {last['vb']:.4f}" if last else ""),
-        "- commands, in order (each later run starts from the previous run's EMA weights):",
+        "- commands, in order (each later run continues the previous one: from its EMA weights, or with `--resume`"
+        " or `continue` from its whole training state):",
         "",
     ]
     for r in runs:
@@ -93,12 +108,17 @@ def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, train
         lines.append("Score parts (trained, mean over windows): "
                      + ", ".join(f"{k} {v:.3f}" for k, v in trained["parts"].items()))  # fmt: skip
         lines.append("")
+    if long:
+        lines += [f"### {long['ar_steps']} AR steps ({long['ar_steps'] * config.chunk_frames / config.fps:.0f} s)",
+                  "", f"The same evaluation over {long['ar_steps']} AR steps ({len(long['seeds'])} videos,"
+                  f" {long['sampler']} {long['steps']}): mean {long['score']:.3f}.", "",
+                  *_long_eval_table({**long, "chunk_frames": config.chunk_frames}), ""]  # fmt: skip
     return "\n".join(lines)
 
 
 def package(model_dir: str | Path, out_dir: str | Path, *, runs: list[dict], data: str, card: str, trained: dict,
             random: dict | None = None, sheet: str | Path | None = None, limitations: str | None = None,
-            max_bytes: int = MAX_WEIGHT_BYTES) -> Path:  # fmt: skip
+            long: dict | None = None, max_bytes: int = MAX_WEIGHT_BYTES) -> Path:  # fmt: skip
     """Copy config + weights (+ the eval's contact sheet) to `out_dir` and write the card; refuses weights over
     `max_bytes`."""
     src, out = Path(model_dir), Path(out_dir)
@@ -106,7 +126,7 @@ def package(model_dir: str | Path, out_dir: str | Path, *, runs: list[dict], dat
     if size > max_bytes:
         raise ValueError(f"{src / WEIGHTS_FILE} is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB budget")
     text = model_card(src, runs=runs, data=data, card=card, trained=trained, random=random,
-                      sheet=SHEET_FILE if sheet else None, limitations=limitations)  # fmt: skip
+                      sheet=SHEET_FILE if sheet else None, limitations=limitations, long=long)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         shutil.copyfile(src / name, out / name)
@@ -117,8 +137,8 @@ def package(model_dir: str | Path, out_dir: str | Path, *, runs: list[dict], dat
 
 
 def package_from_files(model_dir: str, out_dir: str, runs_file: str, eval_file: str, random_eval_file: str | None,
-                       data: str, card: str, sheet: str | None = None,
-                       limitations: str | None = None) -> Path:  # fmt: skip
+                       data: str, card: str, sheet: str | None = None, limitations: str | None = None,
+                       long_eval_file: str | None = None) -> Path:  # fmt: skip
     """The CLI's entry: `runs_file` is a JSON list of runs ({command, steps, minutes, history_file?})."""
     runs = json.loads(Path(runs_file).read_text())
     for r in runs:
@@ -136,4 +156,5 @@ def package_from_files(model_dir: str, out_dir: str, runs_file: str, eval_file: 
         random=random,
         sheet=sheet,
         limitations=limitations,
+        long=json.loads(Path(long_eval_file).read_text()) if long_eval_file else None,
     )

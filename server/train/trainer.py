@@ -56,6 +56,7 @@ class TrainConfig:
     degrade_prob: float = 0.0  # share of samples whose prefix is blurred and faded towards the background
     rollout_prob: float = 0.0  # share of steps whose prefix ends in chunks the EMA model generated itself
     rollout_steps: int = 10  # DDIM steps of those generated chunks (the served default)
+    rollout_bf16: bool = False  # generate them under bf16 autocast on CUDA (as the training forward runs)
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.log_every, self.ckpt_every) < 1 or self.lr <= 0:
@@ -266,7 +267,8 @@ class Trainer:
             shown = window[:, :, :prefix]
             if rollout:
                 shown = rollout_prefix(self.ema, window, 1 + chunk, prefix, chunk, self._rollout_sampler,
-                                       self.cfg.prefix_perturb_t, self.noise_gen)  # fmt: skip
+                                       cfg.prefix_perturb_t, self.noise_gen,
+                                       bf16=cfg.rollout_bf16 and window.is_cuda)  # fmt: skip
             if degrade:
                 b, dev = window.shape[0], window.device
                 apply = torch.rand(b, generator=self.noise_gen, device=self.noise_gen.device).to(dev) < cfg.degrade_prob

@@ -90,6 +90,11 @@ def test_rollout_keeps_the_head_and_generates_the_rest_as_recompute_would():
     torch.testing.assert_close(out[:, :, 9:], expected, atol=2e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="whole chunks"):
         rollout_prefix(model, window, 9, 20, 8, sampler, 100, gen)
+    # under bf16 autocast (what --rollout-bf16 does on CUDA): the same draws, bf16-close chunks
+    low = rollout_prefix(model, window, 9, 17, 8, sampler, 100, torch.Generator().manual_seed(5), bf16=True)
+    assert low.dtype == window.dtype and torch.equal(low[:, :, :9], window[:, :, :9])
+    err = (low[:, :, 9:] - out[:, :, 9:]).norm() / out[:, :, 9:].norm()
+    assert 0 < err < 0.05, err
 
 
 def test_trainer_mixes_degraded_and_self_generated_context(tmp_path):

@@ -68,3 +68,16 @@ def test_package_cli(trained, tmp_path):
     assert rc == 0 and (tmp_path / "pkg" / "samples.png").read_bytes() == b"png"
     card = (tmp_path / "pkg" / CARD_FILE).read_text()
     assert "](samples.png)" in card and "## Limitations\nSprites fade after 3 AR steps." in card
+
+
+def test_card_summarises_a_long_evaluation_per_10_ar_steps(trained, tmp_path):
+    run, result, _ = trained
+    long = dict(result, ar_steps=25, score_per_step=[0.5] * 10 + [0.25] * 10 + [0.0] * 5,
+                collapsed_per_step=[0.0] * 20 + [1.0] * 5, score=0.3)  # fmt: skip
+    out = package(run / "model", tmp_path / "p", runs=[{"command": "c", "steps": 1, "minutes": 1}], data="d",
+                  card="c", trained=result, long=long)  # fmt: skip
+    card = (out / CARD_FILE).read_text()
+    rows = ("| 1–10 | 0–10 | 0.500 | 0.00 |", "| 11–20 | 10–20 | 0.250 | 0.00 |", "| 21–25 | 20–25 | 0.000 | 1.00 |")
+    for row in rows:
+        assert row in card, card
+    assert "### 25 AR steps (25 s)" in card and "mean 0.300" in card
