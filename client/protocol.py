@@ -13,14 +13,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, create_model
 
 # The protocol's enumerations (the server's own lists are tested equal to these: tests/api/test_protocol.py).
-SAMPLERS = ("ddim", "iddpm")
+SAMPLERS = ("ddim", "iddpm", "dpm++2m")
 FORMATS = ("fmp4", "jpeg")
 PACES = ("realtime", "max")
 ERROR_CODES = ("invalid_request", "unauthorized", "server_busy", "slow_consumer", "expired", "replaced", "internal")
 MAX_SEED = 2**63 - 1
 MAX_TOKEN_CHARS = 128
 
-SamplerName = Literal["ddim", "iddpm"]
+SamplerName = Literal["ddim", "iddpm", "dpm++2m"]
 FormatName = Literal["fmp4", "jpeg"]
 PaceName = Literal["realtime", "max"]
 ErrorCode = Literal["invalid_request", "unauthorized", "server_busy", "slow_consumer", "expired", "replaced",

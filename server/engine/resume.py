@@ -70,6 +70,7 @@ def _record(session: Session, state: HostState) -> dict:
         "x": state.x,
         "step": state.step,
         "generator": state.generator,
+        "x0_prev": state.x0_prev,
         "clips": [
             {"index": c.index, "first_frame": c.first_frame, "frames": c.frames, "gen_ms": c.gen_ms}
             for c in session.unacked_clips()
@@ -130,7 +131,8 @@ def _session(record: dict) -> tuple[Session, HostState]:
                     gen_ms=float(c["gen_ms"]))  # fmt: skip
         session.add_unacked(clip.end_frame, clip)
     state = HostState(history=record["history"], first_frame=int(record["first_frame"]), x=record["x"],
-                      step=int(record["step"]), generator=record["generator"])  # fmt: skip
+                      step=int(record["step"]), generator=record["generator"],
+                      x0_prev=record.get("x0_prev"))  # fmt: skip
     return session, state
 
 

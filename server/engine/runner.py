@@ -44,6 +44,7 @@ class GenerationState:
     x: Tensor  # (1, C, T, h, w) latents of the chunk being denoised
     step: int  # next denoising index, counting down; -1: the chunk is finished
     history: list[Tensor]  # the latents written to the cache, chunk by chunk: at least the last max_cache_frames
+    x0_prev: Tensor | None = None  # a multistep sampler's x0 estimate of the previous step (zeros at a chunk's start)
 
     def remember(self, written: Tensor, max_frames: int) -> None:
         """Keep a written chunk (1, C, T, h, w), and drop chunks that no longer hold any of the last `max_frames`."""
@@ -51,6 +52,11 @@ class GenerationState:
         total = sum(h.shape[2] for h in self.history)
         while total - self.history[0].shape[2] >= max_frames:
             total -= self.history.pop(0).shape[2]
+
+
+def _no_estimate(sampler: Sampler, x: Tensor) -> Tensor | None:
+    """A multistep sampler's "previous x0" at a chunk's first step (zeros, which its first index ignores)."""
+    return torch.zeros_like(x) if sampler.multistep else None
 
 
 @dataclass(eq=False)
@@ -63,10 +69,12 @@ class HostState:
     x: Tensor  # (1, C, T, h, w) the chunk in flight
     step: int
     generator: Tensor  # the noise generator's state
+    x0_prev: Tensor | None = None  # a multistep sampler's previous x0 estimate (None: zeros)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.history, self.x, self.generator))
+        kept = (self.history, self.x, self.generator, *([self.x0_prev] if self.x0_prev is not None else []))
+        return sum(t.numel() * t.element_size() for t in kept)
 
 
 class PhaseTimer:
@@ -231,8 +239,10 @@ class ModelRunner:
         self._write(streams, x)  # may raise OutOfPages: no state is registered before it succeeded
         for i, (s, st, (sampler, timesteps), gen) in enumerate(zip(sessions, streams, samplers, generators,
                                                                    strict=True)):  # fmt: skip
-            self.states[s.id] = GenerationState(st, sampler, timesteps, gen, self._chunk_noise(gen),
-                                                step=sampler.num_steps - 1, history=[x[i : i + 1]])  # fmt: skip
+            noise = self._chunk_noise(gen)
+            self.states[s.id] = GenerationState(st, sampler, timesteps, gen, noise, step=sampler.num_steps - 1,
+                                                history=[x[i : i + 1]],
+                                                x0_prev=_no_estimate(sampler, noise))  # fmt: skip
         return frame0
 
     # ---- unloading and rebuilding (resumed sessions) ------------------------------------------------------
@@ -244,7 +254,8 @@ class ModelRunner:
         g = self.states[session.id]
         history = torch.cat(g.history, dim=2)[:, :, -self.max_cache_frames :]
         return HostState(history=history.cpu(), first_frame=g.pages.num_written - history.shape[2], x=g.x.cpu(),
-                         step=g.step, generator=g.generator.get_state())  # fmt: skip
+                         step=g.step, generator=g.generator.get_state(),
+                         x0_prev=g.x0_prev.cpu() if g.x0_prev is not None else None)  # fmt: skip
 
     def unload(self, session: Session) -> None:
         """Free the session's pages and keep its generation in host memory (a later prefill rebuilds it)."""
@@ -265,8 +276,10 @@ class ModelRunner:
         self.model.write(PagedKVCache(self.pool, self.pages, [stream]), history)  # may raise OutOfPages
         generator = torch.Generator(dev)
         generator.set_state(h.generator)
-        self.states[session.id] = GenerationState(stream, sampler, timesteps, generator, h.x.to(dev), h.step,
-                                                  history=[history])  # fmt: skip
+        x = h.x.to(dev)
+        x0_prev = h.x0_prev.to(dev) if h.x0_prev is not None else _no_estimate(sampler, x)
+        self.states[session.id] = GenerationState(stream, sampler, timesteps, generator, x, h.step,
+                                                  history=[history], x0_prev=x0_prev)  # fmt: skip
         del self.unloaded[session.id]
 
     def restore(self, session: Session, state: HostState) -> None:
@@ -296,10 +309,17 @@ class ModelRunner:
                 noise = torch.cat([torch.randn(x.shape[1:], generator=gens[i].generator, device=dev)[None]
                                    for i in idx])  # fmt: skip
             k = to_device(torch.tensor([gens[i].step for i in idx]), dev)
-            new_x = sampler.step(take(x, idx, 0), take(out, idx, 0), k, noise)  # no index copy to the GPU
+            xg, outg = take(x, idx, 0), take(out, idx, 0)  # no index copy to the GPU
+            x0 = prev = None
+            if sampler.multistep:  # each session's previous estimate in, this step's out
+                prev = torch.cat([gens[i].x0_prev for i in idx])  # type: ignore[misc]
+                x0 = sampler.predict_x0(xg, outg, k)
+            new_x = sampler.step(xg, outg, k, noise, x0_prev=prev)
             for j, i in enumerate(idx):
                 gens[i].x = new_x[j : j + 1]
                 gens[i].step -= 1
+                if x0 is not None:
+                    gens[i].x0_prev = x0[j : j + 1]
         return [s for s, g in zip(sessions, gens, strict=True) if g.step < 0]
 
     @torch.no_grad()
@@ -322,6 +342,7 @@ class ModelRunner:
         for i, g in enumerate(gens):
             g.remember(clean[i : i + 1], self.max_cache_frames)
             g.x, g.step = self._chunk_noise(g.generator), g.sampler.num_steps - 1
+            g.x0_prev = _no_estimate(g.sampler, g.x)
 
     def steps_left(self, session: Session) -> int:
         """Denoising steps left in the session's chunk in flight."""

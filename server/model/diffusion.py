@@ -1,4 +1,5 @@
-"""Diffusion samplers for Ca2-VDM inference: respaced IDDPM ancestral sampling and deterministic DDIM.
+"""Diffusion samplers for Ca2-VDM inference: respaced IDDPM ancestral sampling, deterministic DDIM, and the
+second-order multistep DPM-Solver++(2M).
 
 The model was trained on a 1000-step linear-beta schedule and predicts epsilon plus a learned-range
 variance (2C output channels). At inference a shorter, evenly strided subset of the training timesteps
@@ -23,10 +24,12 @@ __all__ = [
     "DEFAULT_STEPS",
     "SAMPLERS",
     "DDIMSampler",
+    "DPMSolverPP2MSampler",
     "IDDPMSampler",
     "Sampler",
     "classifier_free_guidance",
     "linear_betas",
+    "log_snr_timesteps",
     "make_sampler",
     "space_timesteps",
 ]
@@ -34,8 +37,8 @@ __all__ = [
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Sampler names, in the order the API lists them (one source for schemas, CLI, /v1/models).
-SAMPLERS = ("ddim", "iddpm")
-DEFAULT_STEPS: dict[str, int] = {"iddpm": 100, "ddim": 25}
+SAMPLERS = ("ddim", "iddpm", "dpm++2m")
+DEFAULT_STEPS: dict[str, int] = {"iddpm": 100, "ddim": 25, "dpm++2m": 10}
 
 
 def linear_betas(num_train_steps: int = 1000) -> torch.Tensor:
@@ -69,9 +72,29 @@ def space_timesteps(num_train_steps: int, num_steps: int) -> list[int]:
     return sorted(taken)
 
 
-def _respaced_alpha_bars(num_train_steps: int, num_steps: int) -> tuple[list[int], torch.Tensor]:
+def log_snr_timesteps(num_train_steps: int, num_steps: int) -> list[int]:
+    """``num_steps`` training timesteps, ascending, from 0 to num_train_steps - 1, evenly spaced in log-SNR
+    (lambda = log(sqrt(ab) / sqrt(1 - ab))): the spacing under which every step of a multistep solver is equally
+    long (r = 1). Each point rounds to the nearest timestep; collisions at the clean end move up by one."""
+    if not 2 <= num_steps <= num_train_steps:
+        return space_timesteps(num_train_steps, num_steps)
+    alpha_bar = torch.cumprod(1.0 - linear_betas(num_train_steps), dim=0)
+    lam = (alpha_bar.sqrt() / (1.0 - alpha_bar).sqrt()).log()
+    targets = torch.linspace(float(lam[0]), float(lam[-1]), num_steps, dtype=torch.float64)
+    used: list[int] = []
+    for target in targets.tolist():
+        t = int((lam - target).abs().argmin())
+        used.append(max(t, used[-1] + 1) if used else t)
+    if used[-1] != num_train_steps - 1:  # so many steps that the bumps ran off the end: fall back
+        return space_timesteps(num_train_steps, num_steps)
+    return used
+
+
+def _respaced_alpha_bars(
+    num_train_steps: int, num_steps: int, spacing: Callable[[int, int], list[int]] = space_timesteps
+) -> tuple[list[int], torch.Tensor]:
     """Used timesteps and the float64 cumulative alphas of the training schedule at those timesteps."""
-    used = space_timesteps(num_train_steps, num_steps)
+    used = spacing(num_train_steps, num_steps)
     alpha_bar = torch.cumprod(1.0 - linear_betas(num_train_steps), dim=0)
     return used, alpha_bar[torch.tensor(used, dtype=torch.long)]  # (num_steps,)
 
@@ -89,6 +112,9 @@ class Sampler(ABC):
       ``k - 1`` (the final sample when ``k == 0``), float32.
     - ``noise`` (same shape as ``x_t``) is required exactly when ``needs_noise`` is true, so the caller
       can skip drawing it for deterministic samplers.
+    - A ``multistep`` sampler also reads the previous step's x0 estimate: ``step(..., x0_prev=...)`` with what
+      ``predict_x0`` returned for the same element one index earlier (zeros at an element's first index, which
+      ignores it). Elements at different indices still batch: the weights are looked up per element.
     - ``q_sample(x0, k, noise)`` noises clean data to the level of index ``k`` (prefix perturbation).
     - All per-step tables live on one device; ``to(device)`` moves them and returns ``self``.
     """
@@ -96,13 +122,16 @@ class Sampler(ABC):
     num_steps: int
     num_train_steps: int
     timesteps: torch.Tensor  # (num_steps,) long: training timestep of each index k, ascending
+    multistep: bool = False  # step() needs x0_prev (see the contract)
+    spacing: Callable[[int, int], list[int]] = staticmethod(space_timesteps)  # which timesteps the chain uses
 
     def __init__(self, num_steps: int, num_train_steps: int = 1000, clip_x0: bool = False) -> None:
-        used, alpha_bar = _respaced_alpha_bars(num_train_steps, num_steps)
+        used, alpha_bar = _respaced_alpha_bars(num_train_steps, num_steps, self.spacing)
         self.clip_x0 = clip_x0
         self.num_steps = num_steps
         self.num_train_steps = num_train_steps
         self.timesteps = torch.tensor(used, dtype=torch.long)
+        self._used = list(used)  # the same on the host: reading it never waits for a device
         # (2, num_steps): sqrt(alpha_bar), sqrt(1 - alpha_bar) for q_sample
         self._q_table = torch.stack([alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()]).float()
         self._step_table = self._build_step_table(alpha_bar).float()  # (rows, num_steps)
@@ -116,7 +145,6 @@ class Sampler(ABC):
     def _build_step_table(self, alpha_bar: torch.Tensor) -> torch.Tensor:
         """Per-index coefficients (rows, num_steps) in float64 from the respaced alpha_bar (num_steps,)."""
 
-    @abstractmethod
     def _apply(
         self,
         x_t: torch.Tensor,
@@ -126,7 +154,9 @@ class Sampler(ABC):
         nonzero: torch.Tensor,
         noise: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The update itself; ``coef`` is (rows, B, 1, ...) gathered at k, ``nonzero`` (B, 1, ...)."""
+        """The update itself; ``coef`` is (rows, B, 1, ...) gathered at k, ``nonzero`` (B, 1, ...). Single-step
+        samplers implement this; a multistep one implements `_apply_multistep` instead."""
+        raise NotImplementedError(f"{type(self).__name__} steps through _apply_multistep")
 
     @property
     def device(self) -> torch.device:
@@ -165,6 +195,7 @@ class Sampler(ABC):
         model_out: torch.Tensor,
         k: torch.Tensor | int,
         noise: torch.Tensor | None = None,
+        x0_prev: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One reverse step from index k to k - 1 for every batch element (see the class contract)."""
         if x_t.dim() < 2:
@@ -181,6 +212,10 @@ class Sampler(ABC):
             noise = noise.float()
         else:
             noise = None
+        if self.multistep:
+            if x0_prev is None or x0_prev.shape != x_t.shape:
+                raise ValueError(f"{type(self).__name__}.step needs x0_prev shaped like x_t (zeros at the first index)")
+            x0_prev = x0_prev.float()
         k = self._index(k, b)
         x_t = x_t.float()
         eps, var_values = model_out.float().split(c, dim=1)  # (B, C, ...) each
@@ -188,7 +223,23 @@ class Sampler(ABC):
             eps = self._clipped_eps(x_t, eps, k)
         coef = self._gather(self._step_table, k, x_t)
         nonzero = (k != 0).to(device=x_t.device, dtype=x_t.dtype).view(b, *([1] * (x_t.dim() - 1)))
+        if self.multistep:
+            return self._apply_multistep(x_t, eps, coef, x0_prev)
         return self._apply(x_t, eps, var_values, coef, nonzero, noise)
+
+    def _apply_multistep(self, x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
+                         x0_prev: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        raise NotImplementedError(f"{type(self).__name__} is not a multistep sampler")
+
+    def predict_x0(self, x_t: torch.Tensor, model_out: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+        """The x0 estimate (B, C, ...) a step at index k takes from ``model_out`` (clamped to [-1, 1] with
+        ``clip_x0``): what a multistep sampler's next step reads as ``x0_prev``."""
+        b, c = x_t.shape[:2]
+        k = self._index(k, b)
+        x_t = x_t.float()
+        signal, sigma = self._gather(self._q_table, k, x_t)
+        x0 = (x_t - sigma * model_out[:, :c].float()) / signal
+        return x0.clamp(-1.0, 1.0) if self.clip_x0 else x0
 
     def _clipped_eps(self, x_t: torch.Tensor, eps: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The epsilon whose predicted x0 is clamped to [-1, 1] (data that is bounded, i.e. pixels).
@@ -241,13 +292,16 @@ class Sampler(ABC):
 
             indices = tqdm(indices, desc=type(self).__name__, total=self.num_steps)
         timesteps = self.timesteps.to(x.device)
+        x0_prev = torch.zeros_like(x) if self.multistep else None
         for i in indices:
             k = torch.full((b,), i, dtype=torch.long, device=x.device)
             out = model_fn(x, timesteps[k])
             noise = None
             if self.needs_noise:
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = self.step(x, out, k, noise)
+            x0 = self.predict_x0(x, out, k) if self.multistep else None
+            x = self.step(x, out, k, noise, x0_prev=x0_prev)
+            x0_prev = x0
         return x
 
 
@@ -342,6 +396,68 @@ class DDIMSampler(Sampler):
         return out
 
 
+class DPMSolverPP2MSampler(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order solver of the diffusion ODE in data (x0)
+    prediction, over the same respaced chain; deterministic, so it ignores the variance output.
+
+    With lambda = log(sqrt(ab) / sqrt(1 - ab)), a step from index k (s) to k - 1 (t), h = lambda_t - lambda_s, is
+
+        x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^-h) D,   D = (1 + 1/(2r)) x0_s - 1/(2r) x0_prev,
+
+    r = h_prev / h the ratio of the previous step's length to this one's. The first index (no previous estimate),
+    the step into t = 0 and the final one from there to x0 are first order, D = x0_s: DDIM's update. The chain's
+    timesteps are evenly spaced in lambda (``log_snr_timesteps``), not in t: on the evenly strided chain the last
+    steps are far longer in lambda than the others, and few-step solutions are dominated by them (on Gaussian data,
+    where the ODE is solved exactly: 18% error at 10 steps there, 1.2% here; DDIM 23%). Folded per
+    index into ``a_xt * x_t + a_eps * eps + a_prev * x0_prev`` (tables in float64, stored in float32)."""
+
+    multistep = True
+    spacing = staticmethod(log_snr_timesteps)
+
+    def __init__(self, num_steps: int = 10, num_train_steps: int = 1000, clip_x0: bool = False) -> None:
+        super().__init__(num_steps, num_train_steps, clip_x0)
+
+    def perturb_index(self, t_p: int) -> int | None:
+        """The chain's index nearest to ``t_p`` (the chain is not evenly strided in t, so the reference's
+        proportional mapping would land elsewhere); None when that is index 0 (no perturbation)."""
+        if t_p >= self.num_train_steps:
+            raise ValueError(f"t_p must be < num_train_steps ({self.num_train_steps}), got {t_p}")
+        if t_p <= 0:
+            return None
+        index = min(range(self.num_steps), key=lambda i: abs(self._used[i] - t_p))
+        return index if index > 0 else None
+
+    @property
+    def needs_noise(self) -> bool:
+        return False
+
+    def _build_step_table(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+        n = alpha_bar.shape[0]
+        alpha, sigma = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+        alpha_t = torch.cat([alpha.new_ones(1), alpha[:-1]])  # the target of index k's step is index k - 1
+        sigma_t = torch.cat([sigma.new_zeros(1), sigma[:-1]])
+        lam = (alpha / sigma).log()
+        a_x0 = alpha_t - sigma_t * alpha / sigma  # alpha_t (1 - e^-h), exactly 1 at k = 0
+        w_prev = torch.zeros(n, dtype=alpha_bar.dtype)
+        # second order where a previous step exists, except the step into the chain's clean end, t = 0 (the usual
+        # "lower order final": there the timesteps' rounding bends r, and first order measured better, 1.2% against
+        # 2.6% at 10 steps on the Gaussian test; on an evenly strided chain r would be ~0.14 and 2M unstable)
+        for k in range(2, n - 1):
+            h, h_prev = lam[k - 1] - lam[k], lam[k] - lam[k + 1]
+            w_prev[k] = -h / (2.0 * h_prev)  # -1 / (2r)
+        w_cur = 1.0 - w_prev
+        # x0_s = (x_t - sigma_s eps) / alpha_s substituted
+        a_xt = sigma_t / sigma + a_x0 * w_cur / alpha
+        a_eps = -a_x0 * w_cur * sigma / alpha
+        a_prev = a_x0 * w_prev
+        return torch.stack([a_xt, a_eps, a_prev])  # (3, num_steps)
+
+    def _apply_multistep(self, x_t: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
+                         x0_prev: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        a_xt, a_eps, a_prev = coef
+        return a_xt * x_t + a_eps * eps + a_prev * x0_prev
+
+
 def classifier_free_guidance(out_cond: torch.Tensor, out_uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Guide only the epsilon half (B, C, ...) of a (B, 2C, ...) output; variance comes from the cond pass.
 
@@ -362,9 +478,11 @@ def classifier_free_guidance(out_cond: torch.Tensor, out_uncond: torch.Tensor, s
 
 
 def make_sampler(name: str, num_steps: int, clip_x0: bool = False) -> Sampler:
-    """Build a sampler by config name ("iddpm" or "ddim"); `clip_x0` for bounded (pixel) data."""
+    """Build a sampler by config name (one of SAMPLERS); `clip_x0` for bounded (pixel) data."""
     if name == "iddpm":
         return IDDPMSampler(num_steps=num_steps, clip_x0=clip_x0)
     if name == "ddim":
         return DDIMSampler(num_steps=num_steps, clip_x0=clip_x0)
+    if name == "dpm++2m":
+        return DPMSolverPP2MSampler(num_steps=num_steps, clip_x0=clip_x0)
     raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")

@@ -53,7 +53,7 @@ def test_runner_batch_equals_alone(pipe):
     """Latents of each session after several steps are the same alone or batched (fp32, < 1e-5)."""
     cfg = EngineConfig(max_sessions=4, max_batch=4)
     params = [SessionParams(image=image(i), seed=i, sampler=s, steps=n, num_frames=40)
-              for i, (s, n) in enumerate([("ddim", 4), ("iddpm", 5), ("iddpm", 3)])]  # fmt: skip
+              for i, (s, n) in enumerate([("ddim", 4), ("iddpm", 5), ("iddpm", 3), ("dpm++2m", 6)])]  # fmt: skip
 
     def advance(sessions, runner, steps):
         runner.prefill(sessions)
@@ -71,6 +71,30 @@ def test_runner_batch_equals_alone(pipe):
         (alone,) = advance([Session(p)], ModelRunner(pipe, cfg), 9)
         assert alone.step == b.step and alone.pages.num_written == b.pages.num_written
         assert ((alone.x - b.x).norm() / alone.x.norm()).item() < 1e-5
+
+
+def test_a_multistep_session_unloaded_mid_chunk_goes_on_from_its_previous_estimate(pipe):
+    """dpm++2m reads the previous step's x0 estimate: unloading a session between two steps of a chunk (to host
+    memory, as a detached or saved session) keeps it, so the rebuilt session's chunk equals the uninterrupted one."""
+    p = SessionParams(image=image(1), seed=3, sampler="dpm++2m", steps=6, num_frames=40)
+
+    def run_steps(runner, session, n):
+        for _ in range(n):
+            runner.denoise([session])
+
+    whole, session = ModelRunner(pipe, EngineConfig(max_sessions=1, max_batch=1)), Session(p)
+    whole.prefill([session])
+    run_steps(whole, session, 5)
+    broken, again = ModelRunner(pipe, EngineConfig(max_sessions=1, max_batch=1)), Session(p)
+    broken.prefill([again])
+    run_steps(broken, again, 3)
+    broken.unload(again)
+    assert again.id in broken.unloaded and broken.unloaded[again.id].x0_prev is not None
+    broken.prefill([again])  # rebuilds from host memory
+    run_steps(broken, again, 2)
+    a, b = whole.states[session.id], broken.states[again.id]
+    assert a.step == b.step == 0
+    assert ((a.x - b.x).norm() / a.x.norm()).item() < 1e-4
 
 
 def test_session_equals_offline_generation(pipe):
@@ -97,7 +121,7 @@ def test_many_sessions_batched_fairly(pipe):
                     seed=i,
                     steps=3 + i % 3,
                     num_frames=9 + i,
-                    sampler="ddim" if i % 2 else "iddpm",
+                    sampler=("iddpm", "ddim", "dpm++2m")[i % 3],
                 )  # fmt: skip
             )
             for i in range(8)
@@ -111,7 +135,7 @@ def test_many_sessions_batched_fairly(pipe):
     for i, clips in enumerate(results):
         frames = torch.cat([c.frames for c in clips])
         assert frames.shape[0] == 9 + i
-        solo = generate_video(pipe, pipe.sampler("ddim" if i % 2 else "iddpm", 3 + i % 3),
+        solo = generate_video(pipe, pipe.sampler(("iddpm", "ddim", "dpm++2m")[i % 3], 3 + i % 3),
                               image=image(i) if i % 3 else None, num_frames=9 + i, seed=i)  # fmt: skip
         assert (frames.int() - solo.int()).abs().max() <= 1
 

@@ -30,8 +30,10 @@ def config(**kwargs) -> EngineConfig:
     return EngineConfig(**{**base, **kwargs})
 
 
-def params(seed: int = 5, clips: int = 6) -> SessionParams:
-    return SessionParams(image=smooth_image(16, 16, seed), seed=seed, steps=3, num_frames=1 + CHUNK * clips)
+def params(seed: int = 5, clips: int = 6, sampler: str = "ddim") -> SessionParams:
+    steps = 5 if sampler == "dpm++2m" else 3  # 5: the multistep solver's middle steps are second order
+    return SessionParams(image=smooth_image(16, 16, seed), seed=seed, steps=steps, num_frames=1 + CHUNK * clips,
+                         sampler=sampler)  # fmt: skip
 
 
 async def collect(handle) -> list:
@@ -104,8 +106,9 @@ def test_exact_resume_resends_and_equals_the_uninterrupted_stream(pipe):
     assert torch.equal(run(pipe, config(), main), ref)
 
 
-def test_rebuilt_resume_before_the_first_dequeue_equals_the_uninterrupted_stream(pipe):
-    p = params(seed=7)
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])  # dpm++2m: its previous x0 estimate is kept too
+def test_rebuilt_resume_before_the_first_dequeue_equals_the_uninterrupted_stream(pipe, sampler):
+    p = params(seed=7, sampler=sampler)
     ref = reference(pipe, p)
 
     async def main(engine: Engine):
@@ -229,8 +232,9 @@ def test_a_resume_takes_over_an_attached_session(pipe):
     assert torch.equal(run(pipe, config(), main), ref)
 
 
-def test_sessions_survive_an_engine_restart(pipe, tmp_path):
-    p = params(seed=4)
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_sessions_survive_an_engine_restart(pipe, tmp_path, sampler):
+    p = params(seed=4, sampler=sampler)
     ref = reference(pipe, p)
     cfg = config(resume_dir=str(tmp_path))
 
