@@ -177,6 +177,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None, services: S
             "samplers": list(SAMPLERS),
             "default_sampler": pipe.config.default_sampler,
             "default_steps": pipe.config.default_steps,
+            "schedules": pipe.config.recommended_schedules(),
             "max_steps": settings.max_steps,
             "max_frames": settings.max_frames,
             "realtime_capacity_sessions": engine.realtime_capacity(),

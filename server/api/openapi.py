@@ -89,6 +89,7 @@ class ModelInfo(BaseModel):
     samplers: list[str]
     default_sampler: str
     default_steps: int
+    schedules: list[dict[str, Any]]
     max_steps: int
     max_frames: int
     realtime_capacity_sessions: int

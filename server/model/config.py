@@ -129,10 +129,18 @@ class PipelineConfig:
     prefix_perturb_t: int = 50  # noise level (of 1000) added to frames before they are cached; 0: off
     default_sampler: str = "ddim"
     default_steps: int = 25
+    # other (sampler, steps) schedules the model is known to do well with, best first (e.g. a few-step solver)
+    schedules: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             object.__setattr__(self, "model", ModelConfig(**self.model))
+        object.__setattr__(self, "schedules", tuple((str(s), int(n)) for s, n in self.schedules))
+        from .diffusion import SAMPLERS
+
+        for sampler, steps in ((self.default_sampler, self.default_steps), *self.schedules):
+            if sampler not in SAMPLERS or steps < 1:
+                raise ValueError(f"schedule {sampler!r} x {steps}: sampler must be one of {SAMPLERS}, steps >= 1")
         if self.codec not in ("pixel", "sd-vae"):
             raise ValueError(f"codec must be 'pixel' or 'sd-vae', not {self.codec!r}")
         if not 1 <= self.chunk_frames <= self.max_cache_frames:
@@ -144,6 +152,12 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def recommended_schedules(self) -> list[dict[str, Any]]:
+        """The default schedule, then the others: what /v1/models offers as {"sampler", "steps"}."""
+        pairs = [(self.default_sampler, self.default_steps), *self.schedules]
+        unique = list(dict.fromkeys(pairs))
+        return [{"sampler": s, "steps": n} for s, n in unique]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:

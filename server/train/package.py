@@ -79,7 +79,12 @@ def model_card(model_dir: Path, *, runs: list[dict], data: str, card: str, train
         f"- {_param_count(config) / 1e6:.2f} M parameters, {size / 1e6:.1f} MB ({WEIGHTS_FILE}, EMA weights)",
         f"- generation: {config.chunk_frames}-frame chunks, {config.max_cache_frames}-frame cache queue,"
         f" {config.fps} fps, cached frames perturbed to t_p = {config.prefix_perturb_t},"
-        f" default sampler {config.default_sampler} with {config.default_steps} steps",
+        f" default sampler {config.default_sampler} with {config.default_steps} steps"
+        + (
+            "; also recommended: " + ", ".join(f"{s} with {n} steps" for s, n in config.schedules)
+            if config.schedules
+            else ""
+        ),  # fmt: skip
         "",
         "## Training",
         f"- card: {card}; {steps:,} steps in {minutes:.1f} min"

@@ -163,6 +163,7 @@ def test_health_models_metrics(server):
     info = httpx.get(f"http://{server}/v1/models").json()
     assert info["chunk_frames"] == 8 and info["max_cache_frames"] == 25
     assert info["samplers"] == ["ddim", "iddpm", "dpm++2m"]
+    assert info["schedules"][0] == {"sampler": info["default_sampler"], "steps": info["default_steps"]}
     text = httpx.get(f"http://{server}/metrics").text
     names = ["ca2vdm_sessions_active", "ca2vdm_sessions_waiting", "ca2vdm_sessions_total", "ca2vdm_cache_pages_total",
              "ca2vdm_cache_pages_free", "ca2vdm_time_to_first_clip_seconds_bucket", "ca2vdm_clip_interval_seconds",

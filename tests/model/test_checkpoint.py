@@ -78,11 +78,17 @@ def test_model_dir_round_trip(tmp_path):
         model=ModelConfig(input_size=(8, 8, 8), hidden_size=32, depth=2, num_heads=2, in_channels=3),
         codec="pixel",
         fps=12,
+        default_steps=10,
+        schedules=[("dpm++2m", 4), ["ddim", 10]],  # the default again: listed once
     )
     model = CausalSTDiT(config.model).randomize_(5)
     save_model_dir(tmp_path / "m", config, model)
     loaded_config, sd = read_model_dir(tmp_path / "m")
-    assert loaded_config == config
+    assert loaded_config == config  # the schedules round-trip through JSON lists
+    assert config.recommended_schedules() == [{"sampler": "ddim", "steps": 10}, {"sampler": "dpm++2m", "steps": 4}]
+    for bad in ([("euler", 4)], [("ddim", 0)]):
+        with pytest.raises(ValueError, match="schedule"):
+            PipelineConfig(schedules=bad)
     pipe = load_pipeline(str(tmp_path / "m"), device="cpu")
     for k, v in model.state_dict().items():
         assert torch.equal(pipe.model.state_dict()[k], v), k
