@@ -179,17 +179,16 @@ def table() -> str:
                 name,
             )
         )
-    train = _load("train_small_sprites_h200.json")
-    ev = train["eval"]
-    chain = _load("train_small_sprites_h100.json")["runs"] + train["runs"]  # the chain began on the H100
-    steps = sum(run["steps"] for run in chain if run["in_final_weights"])
+    ctx = _load("train_small_context_h200.json")["packaged"]
     rows.append(
         (
-            f"default model (`small`, {steps:,} steps on sprites): tracking score, 30 AR steps (truth / random)",
-            f"{ev['final_47396_steps']['score']:.3f} ({ev['final_47396_steps']['truth_score']:.3f} / "
-            f"{ev['random_weights']['score']:.3f})",
-            "NVIDIA H100 + H200",
-            "train_small_sprites_h200.json",
+            f"default model (`small`, {ctx['total_steps']:,} steps on sprites, the last {ctx['context_steps']:,} with"
+            " self-generated context): tracking score over 30 AR steps / AR steps 21–30 / 120 AR steps"
+            " (truth / random; before the self-generated context)",
+            f"{ctx['score_30']:.3f} / {ctx['score_ar21_30']:.3f} / {ctx['score_120']:.3f} ({ctx['truth_30']:.3f} /"
+            f" {ctx['random_30']:.3f}; {ctx['before_score_30']:.3f} / {ctx['before_score_ar21_30']:.3f} / —)",
+            "NVIDIA H200 (120 AR steps and random: 2-core CPU)",
+            "train_small_context_h200.json",
         )
     )
     lines = ["| " + " | ".join(r) + " |" for r in rows]

@@ -26,13 +26,18 @@ def test_no_model_given_means_the_default_model():
     assert (pipe.config.default_sampler, pipe.config.default_steps, pipe.config.prefix_perturb_t) == ("ddim", 10, 100)
 
 
-def test_the_default_model_continues_sprites_where_random_weights_do_not():
-    # two AR steps (16 frames) from the first frame of unseen sprite videos, scored by the tracking metric
+def test_the_default_model_continues_sprites_and_keeps_its_video_alive():
+    # 12 AR steps (96 frames) from the first frame of unseen sprite videos, scored by the tracking metric. The first
+    # two continue the sprites (random weights give noise); by AR steps 9-12, after the cache queue has dequeued its
+    # true frame, the video must not have faded out: the 47k-step weights trained on true context alone scored 0.06
+    # there with 75% of the windows blank or frozen (the packaged weights: 0.43 and none).
     seeds = [20000, 20001, 20002]
-    trained = evaluate(load_pipeline(None, device="cpu"), seeds=seeds, ar_steps=2, steps=10)
+    trained = evaluate(load_pipeline(None, device="cpu"), seeds=seeds, ar_steps=12, steps=10)
     random = evaluate(load_pipeline("random:small", device="cpu"), seeds=seeds, ar_steps=2, steps=10)
-    assert trained["score"] >= 0.4, trained["score_per_step"]
+    score, dead = trained["score_per_step"], trained["collapsed_per_step"]
+    assert sum(score[:2]) / 2 >= 0.4, score
     assert random["score"] <= 0.05, random["score_per_step"]
+    assert sum(score[8:]) / 4 >= 0.15 and sum(dead[8:]) / 4 <= 0.25, (score, dead)
 
 
 def test_the_wheel_carries_the_default_model(built_wheel):
