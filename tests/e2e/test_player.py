@@ -100,6 +100,15 @@ def test_player_plays_streamed_video(browser, tiny_pipe):
         assert last["v"]["decodedFrames"] > 0, last
         assert last["v"]["currentTime"] > samples[0]["v"]["currentTime"], [s["v"] for s in samples]
         assert last["s"]["clips"] >= 1
+        # the model's recommended schedules (here only its default) set sampler and steps in one click
+        picked = json.loads(browser.evaluate(
+            "(() => { const b = document.querySelectorAll('#schedules button'); b[0].click(); return JSON.stringify("
+            "{n: b.length, text: b[0].textContent, sampler: document.getElementById('sampler').value,"
+            " steps: document.getElementById('steps').value}); })()"
+        ))  # fmt: skip
+        info = httpx.get(f"http://{address}/v1/models").json()
+        assert picked["n"] == len(info["schedules"]) >= 1, picked
+        assert (picked["sampler"], picked["steps"]) == (info["default_sampler"], str(info["default_steps"])), picked
         shot = os.environ.get("CA2VDM_PLAYER_SCREENSHOT")  # for a person to look at
         if shot:
             import base64

@@ -191,6 +191,14 @@ async function loadModel() {
   const select = $("sampler");
   for (const name of model.samplers) select.add(new Option(name.toUpperCase(), name, false, name === model.default_sampler));
   if (!$("steps").value) $("steps").placeholder = `server default (${model.default_steps})`;
+  // the model's recommended schedules, default first: one click sets sampler and steps
+  for (const { sampler, steps } of model.schedules || []) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = `${sampler.toUpperCase()} × ${steps}`;
+    button.addEventListener("click", () => { $("sampler").value = sampler; $("steps").value = String(steps); });
+    $("schedules").append(button);
+  }
   state.model = model;
 }
 
