@@ -6,7 +6,13 @@ Ray hop costs per websocket message and per REST call.
    process (the single server's engine) and (b) the Ray Serve app with R engine replicas, reached through the
    ingress's own `RemoteEngine` from this process (the router, the replicas, clips crossing processes as they do to
    the ingress). Each engine gets `--torch-threads` intra-op threads (CPU) or one GPU.
-2. Overhead: the same requests to the single server (uvicorn) and to the Ray app (Serve's proxy, the ingress, one
+2. A replica killed mid-stream (`--kill`, on the largest replica count): that many live viewers as the cluster
+   held, then one replica's process gets SIGKILL. Its viewers resume with their tokens as a client does (the
+   survivor has nothing of them: `expired`) and start anew, waiting at the ingress until Serve has replaced the
+   replica; the other replica's viewers must not stall. Reported: stalls of those viewers, when the victims heard,
+   when the replacement replica joined, when each victim saw its new first clip, and a last check that the
+   whole load is held again.
+3. Overhead: the same requests to the single server (uvicorn) and to the Ray app (Serve's proxy, the ingress, one
    replica), on loopback: GET /v1/models (REST through the ingress); start -> ready of a stream (a websocket message
    that reaches a replica and comes back); the interval between clips of a max-pace stream (clips crossing from
    the replica through the ingress).
@@ -22,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import tempfile
@@ -35,10 +42,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from ca2vdm.server.api.serving import serve_in_thread
-from ca2vdm.server.benchmark.realtime import ramp_and_hold
+from ca2vdm.server.benchmark.realtime import Viewer, _observe, _params, ramp_and_hold
 from ca2vdm.server.benchmark.timing import git_commit
 from ca2vdm.server.engine.config import EngineConfig
-from ca2vdm.server.engine.engine import Engine
+from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed
 from ca2vdm.server.model.loader import load_pipeline
 
 # admission lets every session in (target 1.0, long wait): the ramp, not the estimate, finds the limit (as the
@@ -89,18 +96,139 @@ def ray_capacity(args: argparse.Namespace, replicas: int) -> dict:
         serve.run(build(_app_args(args, replicas, tmp)), name="ca2vdm", route_prefix="/")
 
         async def run() -> dict:
-            engine = await RemoteEngine(serve.get_deployment_handle(ENGINE_DEPLOYMENT, "ca2vdm")).connect()
+            handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, "ca2vdm")
+            engine = await RemoteEngine(
+                handle, max_waiting=RAMP_SETTINGS["max_waiting"], admission_wait_s=RAMP_SETTINGS["admission_wait_s"]
+            ).connect()
             while len(_members(engine)) < replicas:
                 await asyncio.sleep(0.2)
             spec = engine.pipe
             steps = args.steps or spec.config.default_steps
             rows = await ramp_and_hold(engine, spec, steps, args.max_sessions, 1.0, args.hold_s, args.probes)
-            return summary(rows, steps, spec.config.fps)
+            result = summary(rows, steps, spec.config.fps)
+            if args.kill and replicas == max(args.counts) and replicas > 1:
+                result["kill"] = await kill_one(engine, steps, max(replicas, rows["holds"][-1]["sessions"]))
+            return result
 
         try:
             return asyncio.run(run())
         finally:
             serve.delete("ca2vdm")
+
+
+async def _kill_viewer(engine, params, viewer: Viewer, record: dict, killed: asyncio.Event) -> None:
+    """A resumable live viewer of a cluster. When its replica dies it resumes with its token (as the client does on
+    a 1012 close); refused, it starts a new session (a new `Viewer` in `record["again"]`), retrying while busy."""
+    handle = await engine.start_session(params, resumable=True)
+    record["replica"] = handle.replica
+    try:
+        try:
+            async for clip in handle:
+                if clip.first_frame == 0 and params.image is not None:
+                    continue
+                viewer.arrive(time.monotonic(), clip.num_frames)
+                record["frames"] = clip.end_frame
+            return
+        except SessionFailed:  # SessionMoved: the replica is gone
+            record["moved_after_kill_s"] = time.monotonic() - record["killed_at"] if killed.is_set() else None
+        try:
+            handle = await engine.resume(handle.info.resume_token, record.get("frames", 1))
+            record["resume"] = "taken over"
+        except SessionFailed as exc:
+            record["resume"] = exc.code
+            record["resume_answered_after_kill_s"] = time.monotonic() - record["killed_at"]
+            again = record["again"] = Viewer(joined=time.monotonic(), fps=viewer.fps)
+            while True:
+                try:
+                    handle = await engine.start_session(params)
+                    break
+                except ServerBusy:
+                    await asyncio.sleep(1.0)
+            record["restarted_on"] = handle.replica
+            viewer = again
+        async for clip in handle:
+            if clip.first_frame == 0 and params.image is not None:
+                continue
+            viewer.arrive(time.monotonic(), clip.num_frames)
+            if "first_clip_after_kill_s" not in record:
+                record["first_clip_after_kill_s"] = time.monotonic() - record["killed_at"]
+    except SessionFailed as exc:
+        record["failed"] = f"{exc.code}: {exc}"
+    finally:
+        handle.cancel()
+
+
+async def kill_one(engine, steps: int, sessions: int, settle_s: float = 10.0, limit_s: float = 150.0,
+                   check_s: float = 20.0) -> dict:  # fmt: skip
+    """Part 2 of the module docstring, on a cluster already up."""
+    spec = engine.pipe
+    killed = asyncio.Event()
+    viewers: list[Viewer] = []
+    records: list[dict] = []
+    tasks = []
+    for i in range(sessions):
+        v, r = Viewer(joined=time.monotonic(), fps=spec.config.fps), {}
+        viewers.append(v)
+        records.append(r)
+        tasks.append(asyncio.create_task(_kill_viewer(engine, _params(spec, steps, 50_000 + i), v, r, killed)))
+        await asyncio.sleep(0.5)
+    settle_stalls = await _observe(viewers, settle_s)
+    settle_stalls += sum(v.stalls for v in viewers)
+    for v in viewers:
+        v.reset()
+    before = _members(engine)
+    victim = records[0]["replica"]
+    pid = (await engine.replica_call(victim, "ping", 10.0))["pid"]
+    others = [v for v, r in zip(viewers, records, strict=True) if r["replica"] != victim]
+    hit = [r for r in records if r["replica"] == victim]
+    t0 = time.monotonic()
+    for r in records:
+        r["killed_at"] = t0
+    os.kill(pid, signal.SIGKILL)
+    killed.set()
+    print(f"killed replica {victim} (pid {pid}) holding {len(hit)} of {sessions} sessions")
+    starving: set[int] = set()
+    back_s = None
+    while time.monotonic() - t0 < limit_s:
+        await asyncio.sleep(0.1)
+        now = time.monotonic()
+        starving |= {id(v) for v in others if v.starving(now)}
+        if back_s is None and set(_members(engine)) - set(before) and len(_members(engine)) >= len(before):
+            back_s = now - t0
+        if back_s is not None and all("first_clip_after_kill_s" in r for r in hit):
+            break
+    recovered_s = time.monotonic() - t0
+    again = [r["again"] for r in hit if "again" in r]
+    everyone = others + again
+    for v in everyone:
+        v.reset()
+    check_starving = await _observe(everyone, check_s)
+    check = {"sessions": len(everyone), "seconds": check_s, "stalls": sum(v.stalls for v in everyone) + check_starving}
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "sessions": sessions,
+        "replica_stats_before": before,
+        "settle_stalls": settle_stalls,
+        "killed_replica_sessions": len(hit),
+        "other_replica_sessions": len(others),
+        "other_replica_stalls_until_recovered": sum(v.stalls for v in others) + len(starving),
+        "other_replica_stall_s": round(sum(v.stall_s for v in others), 3),
+        "victims": [
+            {
+                k: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in r.items()
+                if k not in ("again", "killed_at", "frames")
+            }
+            for r in hit
+        ],  # fmt: skip
+        "replica_back_after_s": round(back_s, 2) if back_s is not None else None,
+        "victims_streaming_again_after_s": round(recovered_s, 2)
+        if all("first_clip_after_kill_s" in r for r in hit)
+        else None,
+        "held_again": check,
+    }
 
 
 def _members(engine) -> dict:
@@ -176,15 +304,20 @@ def main() -> None:
     ap.add_argument("--max-sessions", type=int, default=24)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--gpus", type=int, default=None, help="GPUs Ray sees (default: replicas, logical on CPU)")
+    ap.add_argument("--kill", action="store_true", help="kill a replica mid-stream at the largest replica count")
     ap.add_argument("--skip", default="", help="comma-separated: single, ray, overhead")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    counts = [int(c) for c in args.replicas.split(",")]
+    counts = args.counts = [int(c) for c in args.replicas.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     result: dict = {
         "benchmark": "scaleout",
         "command": "python bench/scaleout.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "")),  # fmt: skip
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if v not in (None, "", False) and k != "counts"
+        ),  # fmt: skip
         "commit": git_commit(),
         "machine": {
             "device": args.device,

@@ -90,7 +90,9 @@ def shared_jobs(settings: Settings) -> dict[str, Any] | None:
 def cluster_services(settings: Settings, engine_handle: Any, jobs: dict[str, Any] | None) -> Services:
     @asynccontextmanager
     async def services(app: FastAPI) -> AsyncIterator[None]:
-        engine = await RemoteEngine(engine_handle).connect()
+        engine = await RemoteEngine(
+            engine_handle, max_waiting=settings.max_waiting, admission_wait_s=settings.admission_wait_s
+        ).connect()
         app.state.engine = engine
         app.state.decoder = RequestDecoder(settings, engine.pipe)  # type: ignore[arg-type]
         if jobs is not None:

@@ -3,9 +3,12 @@
 DeploymentHandle; `RemoteHandle` is a session's handle, its clips arriving as a streaming call.
 
 A session's clips come back on one streaming call (`EngineReplica.open_stream`); acknowledgements, stop and detach
-are small calls routed to the replica named in the session id (`router.Route`). A new live session is offered to
-the replica with the most real-time capacity to spare; one that is full answers `full` at once and the next is
-tried, the last one admitting it as a single server would (waiting, or `server_busy`).
+are small calls routed to the replica named in the session id (`router.Route`). A new session is offered to the
+replica with the most real-time capacity to spare; one that is full answers `full` at once and the next is tried.
+When every replica is full the session waits here, not in one replica's queue (where it would miss room freed on
+another): first come first served, at most `max_waiting` per replica, for `admission_wait_s`, offered again every
+`RETRY_S` and whenever a session of this ingress ends; then `server_busy`. A viewer who joins the moment another
+leaves thus gets the leaver's room even before the leaving replica has noticed.
 
 When the replica serving a stream leaves (a drain on scale-down) or dies, the stream ends with `SessionMoved`: the
 websocket closes with 1012 and the client resumes with its token, which reaches a replica that takes over the
@@ -15,6 +18,7 @@ session from the frames the leaving one saved (or answers `expired` when it died
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 from collections.abc import AsyncIterator
@@ -38,6 +42,7 @@ from .router import Route
 log = logging.getLogger("ca2vdm.cluster")
 
 ENGINE_DEPLOYMENT = "EngineReplica"
+RETRY_S = 0.1  # how often the session at the head of the ingress's queue is offered to the replicas again
 # what a call to a replica that died (or is being replaced) raises
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, RequestCancelledError)
 
@@ -109,17 +114,17 @@ class RemoteHandle:
     def id(self) -> str:
         return self.info.session_id
 
-    def _send(self, method: str, *args: Any) -> None:
-        self._engine.call_soon(method, self.id, *args, route=Route(replica=self.replica))
+    def _send(self, method: str, *args: Any, frees: bool = False) -> None:
+        self._engine.call_soon(method, self.id, *args, route=Route(replica=self.replica), frees=frees)
 
     def ack(self, frames: int) -> None:
         self._send("ack", frames)
 
     def cancel(self) -> None:
-        self._send("cancel")
+        self._send("cancel", frees=True)
 
     def detach(self) -> None:
-        self._send("detach")
+        self._send("detach", frees=True)
 
     def end(self) -> None:
         """Stop reading clips (the consumer left; the replica keeps the session for a resume)."""
@@ -131,6 +136,7 @@ class RemoteHandle:
             try:
                 item = await self._stream.__anext__()
             except StopAsyncIteration:
+                self._engine.room_freed()
                 return
             except REPLICA_GONE as exc:
                 if self._ended:
@@ -148,11 +154,18 @@ class RemoteHandle:
 
 
 class RemoteEngine:
-    def __init__(self, handle: Any, deployment: str = ENGINE_DEPLOYMENT) -> None:
+    def __init__(self, handle: Any, deployment: str = ENGINE_DEPLOYMENT, *, max_waiting: int = 64,
+                 admission_wait_s: float = 10.0) -> None:  # fmt: skip
+        """`max_waiting` (per replica) and `admission_wait_s`: the engine settings of the same names, applied to
+        sessions that find every replica full."""
         self._handle, self.deployment = handle, deployment
+        self.max_waiting, self.admission_wait_s = max_waiting, admission_wait_s
         self.stats = EngineStats()  # the ingress's own (resume latencies seen by its clients)
         self.pipe: ModelSpec | None = None
         self._calls: set[asyncio.Task] = set()
+        self.num_waiting = 0  # sessions waiting here for a replica with room
+        self._queue = asyncio.Lock()  # FIFO: the waiting session holding it is the one offered to the replicas
+        self._freed = asyncio.Event()  # a session of this ingress ended: room may have come free
 
     async def connect(self, timeout_s: float = 600.0) -> RemoteEngine:
         """Wait for a replica and learn the model from it."""
@@ -169,13 +182,14 @@ class RemoteEngine:
         """Sessions waiting for admission on the replicas, asked of each now (routing stats are up to a period
         old: a session being admitted would read as waiting). What the realtime bench asks of a cluster."""
         answers = await asyncio.gather(*(self.replica_call(r, "ping", 2.0) for r in members(self.deployment)))
-        return sum(a["waiting"] for a in answers if a is not None)
+        return self.num_waiting + sum(a["waiting"] for a in answers if a is not None)
 
     def realtime_capacity(self, steps: int | None = None) -> int:
         return sum(int(stats.get("capacity", 0)) for stats in members(self.deployment).values())
 
-    def call_soon(self, method: str, *args: Any, route: Route) -> None:
-        """A call whose answer nobody waits for (acks, stop, detach); a failure is logged, not raised."""
+    def call_soon(self, method: str, *args: Any, route: Route, frees: bool = False) -> None:
+        """A call whose answer nobody waits for (acks, stop, detach); a failure is logged, not raised. `frees`: once
+        done, a waiting session is offered to the replicas again."""
 
         async def call() -> None:
             try:
@@ -184,6 +198,9 @@ class RemoteEngine:
                 pass  # the session went with its replica
             except Exception:  # noqa: BLE001
                 log.exception("%s on replica %s failed", method, route.replica)
+            finally:
+                if frees:
+                    self.room_freed()
 
         task = asyncio.get_running_loop().create_task(call())
         self._calls.add(task)
@@ -197,16 +214,48 @@ class RemoteEngine:
             raise SessionFailed("internal", f"the engine replica did not answer ({type(exc).__name__})") from exc
         return stream, first
 
+    def room_freed(self) -> None:
+        self._freed.set()
+
     async def start_session(self, params: SessionParams, *, auto_ack: bool = True, client: str | None = None,
                             resumable: bool = False, owner: str | None = None) -> RemoteHandle:  # fmt: skip
-        """Offer the session to replicas, most spare capacity first; a full one (no real-time capacity to spare for
-        a live session, no free slot for a background one) is skipped. Raises ServerBusy when the last one cannot
-        take it either."""
-        request = {"kind": "start", "params": params, "client": client, "resumable": resumable, "owner": owner}
+        """Offer the session to the replicas, most spare capacity first, a full one (no real-time capacity to spare
+        for a live session, no free slot for a background one) skipped; when all are full, wait here (see the
+        module docstring). Raises ServerBusy when it cannot wait, or waited `admission_wait_s` in vain."""
+        request = {"kind": "start", "params": params, "client": client, "resumable": resumable, "owner": owner,
+                   "only_if_room": True}  # fmt: skip
+        if not self._queue.locked() and (handle := await self._offer(request, auto_ack)) is not None:
+            return handle  # nobody waits ahead of it and a replica had room
+        if self.num_waiting >= self.max_waiting * max(1, len(members(self.deployment))):
+            raise ServerBusy("server busy: every engine replica is full and too many sessions are waiting")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.admission_wait_s
+        busy = ServerBusy(f"server busy: no engine replica had room within {self.admission_wait_s:g} s; retry later")
+        self.num_waiting += 1
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._queue.acquire()
+            except TimeoutError:
+                raise busy from None
+            try:  # an offer is never cut short (a replica may be taking the session): the deadline is checked between
+                while True:
+                    self._freed.clear()
+                    if (handle := await self._offer(request, auto_ack)) is not None:
+                        return handle
+                    if (left := deadline - loop.time()) <= 0:
+                        raise busy
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._freed.wait(), min(RETRY_S, left))
+            finally:
+                self._queue.release()
+        finally:
+            self.num_waiting -= 1
+
+    async def _offer(self, request: dict, auto_ack: bool) -> RemoteHandle | None:
+        """One round: each replica in routing order until one takes the session (None: all were full)."""
         avoid: list[str] = []
-        tries = max(1, len(members(self.deployment)))
-        for attempt in range(tries):
-            request["only_if_room"] = attempt < tries - 1
+        for _ in range(max(1, len(members(self.deployment)))):
             stream, first = await self._open(request, Route(new=True, avoid=tuple(avoid)))
             if "full" in first:
                 avoid.append(first["replica"])
@@ -216,7 +265,7 @@ class RemoteEngine:
                     raise ServerBusy(first["message"])
                 raise SessionFailed(first["error"], first["message"])
             return RemoteHandle(self, stream, first, auto_ack)
-        raise ServerBusy("server busy: every engine replica is full")  # only if replicas vanished meanwhile
+        return None
 
     async def resume(self, token: str, from_frame: int, *, owner: str | None = None, auto_ack: bool = True,
                      client: str | None = None) -> RemoteHandle:  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -150,7 +151,7 @@ class EngineReplica:
         return {"replica": self.id, "text": metrics_text(self.engine, None)}
 
     async def ping(self, route: Route | None = None) -> dict:
-        return {"replica": self.id, "waiting": self.engine.num_waiting}
+        return {"replica": self.id, "waiting": self.engine.num_waiting, "pid": os.getpid()}
 
     # ---- what Serve asks -------------------------------------------------------------------------------
 

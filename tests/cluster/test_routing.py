@@ -3,15 +3,19 @@ arguments. (tests/cluster/test_serve.py runs them on a real local Ray cluster.)"
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ca2vdm.server.cluster import membership
 from ca2vdm.server.cluster.app import split_args
 from ca2vdm.server.cluster.autoscale import RealtimePolicy, desired_replicas
 from ca2vdm.server.cluster.metrics import exposition, merge
+from ca2vdm.server.cluster.remote import ENGINE_DEPLOYMENT, RemoteEngine
 from ca2vdm.server.cluster.router import Ranking, Route, replica_of
+from ca2vdm.server.engine.handle import ServerBusy
 
 
 def test_a_session_goes_back_to_the_replica_named_in_its_id_or_token():
@@ -93,3 +97,64 @@ def test_the_builder_refuses_unknown_or_contradictory_arguments():
                 {"min_replicas": 3, "max_replicas": 2}, {"max_sessions": 0}):  # fmt: skip
         with pytest.raises(ValueError):
             split_args(bad)
+
+
+class _Replicas:
+    """Engine replicas as the ingress's RemoteEngine calls them (a DeploymentHandle's shape), each with room for
+    `room[id]` more sessions; a session's cancel gives its room back. Routing: the order of `room`, refusers last."""
+
+    def __init__(self, room: dict[str, int]) -> None:
+        self.room = room
+        self.started: list[tuple[str, int]] = []  # (replica, seed) in order of admission
+        self.open_stream = SimpleNamespace(remote=self._open)
+        self.cancel = SimpleNamespace(remote=self._cancel)
+        membership.publish(ENGINE_DEPLOYMENT, {rid: {"spare": n} for rid, n in room.items()})
+
+    def options(self, **_) -> _Replicas:
+        return self
+
+    def _open(self, request: dict, route: Route):
+        rid = next((r for r in self.room if r not in route.avoid), route.avoid[-1] if route.avoid else "a")
+
+        async def answers():
+            if self.room[rid] <= 0:
+                yield {"full": True, "replica": rid}
+                return
+            self.room[rid] -= 1
+            self.started.append((rid, request["params"]))
+            yield {"info": SimpleNamespace(session_id=f"{rid}-s{len(self.started)}"), "replica": rid,
+                   "num_frames": None}  # fmt: skip
+
+        return answers()
+
+    async def _cancel(self, session_id: str, route: Route) -> None:
+        self.room[route.replica] += 1
+
+
+def test_when_every_replica_is_full_a_session_waits_at_the_ingress_for_room_on_any_replica():
+    """Both replicas full: joiners wait in order at the ingress and each takes the room the next leaver frees,
+    whichever replica it was on; beyond max_waiting per replica they are refused at once, and a joiner that waits
+    admission_wait_s in vain is refused too."""
+
+    async def main() -> None:
+        replicas = _Replicas({"a": 1, "b": 1})
+        engine = RemoteEngine(replicas, max_waiting=1, admission_wait_s=2.0)
+        first = [await engine.start_session(seed) for seed in (1, 2)]  # type: ignore[arg-type]
+        assert [h.replica for h in first] == ["a", "b"]
+        waiting = [asyncio.create_task(engine.start_session(seed)) for seed in (3, 4)]  # type: ignore[arg-type]
+        await asyncio.sleep(0.3)
+        assert engine.num_waiting == 2 and not any(t.done() for t in waiting)
+        with pytest.raises(ServerBusy, match="too many"):  # 2 replicas x max_waiting 1 already wait
+            await engine.start_session(5)  # type: ignore[arg-type]
+        first[1].cancel()  # room on b: the first joiner takes it, however recently b noticed
+        third = await asyncio.wait_for(waiting[0], 1.0)
+        assert third.replica == "b" and not waiting[1].done()
+        first[0].cancel()
+        assert (await asyncio.wait_for(waiting[1], 1.0)).replica == "a"
+        assert [seed for _, seed in replicas.started] == [1, 2, 3, 4] and engine.num_waiting == 0
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ServerBusy, match="within 2 s"):
+            await engine.start_session(6)  # type: ignore[arg-type]
+        assert 1.9 < asyncio.get_running_loop().time() - started < 2.5 and engine.num_waiting == 0
+
+    asyncio.run(main())
