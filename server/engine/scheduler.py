@@ -104,9 +104,10 @@ class Scheduler:
     def live_steps(self) -> list[int]:
         """Denoising steps per chunk of the admitted live sessions that are not paused: the real-time load. A paused
         session gives its share up (a client that stopped reading must not keep others out) and takes it back only
-        if it fits again when its client catches up."""
-        return [s.params.steps for s in self.active
-                if s.is_live and s.state not in (SessionState.PAUSED, SessionState.DETACHED)]  # fmt: skip
+        if it fits again when its client catches up; a cancelled one gives it up at once (before the next step
+        removes it: a cluster's router asks in between)."""
+        return [s.params.steps for s in self.active if s.is_live and not s.cancel_requested
+                and s.state not in (SessionState.PAUSED, SessionState.DETACHED)]  # fmt: skip
 
     # ---- one step ------------------------------------------------------------------------------------------
 

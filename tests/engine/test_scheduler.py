@@ -200,6 +200,16 @@ def test_cancel_removes_waiting_and_active():
     assert set(sched.take_cancelled()) == {a, b} and sched.num_active == 0 and sched.num_waiting == 0
 
 
+def test_a_cancelled_live_session_gives_up_its_capacity_before_it_is_removed():
+    """What a cluster's replica reports as spare between a cancel and the next engine step."""
+    sched, _ = make(EngineConfig(max_sessions=8, max_batch=8, realtime_target=0.8), {1: 0.01, 8: 0.08})
+    ss = sessions(3)
+    start(sched, ss)
+    assert sched.live_steps() == [25, 25, 25]
+    ss[1].cancel_requested = True
+    assert sched.live_steps() == [25, 25] and sched.num_active == 3
+
+
 @pytest.mark.parametrize("pace", ["fast", ""])
 def test_unknown_pace_is_refused(pace):
     with pytest.raises(ValueError, match="unknown pace"):
