@@ -131,6 +131,9 @@ class PipelineConfig:
     default_steps: int = 25
     # other (sampler, steps) schedules the model is known to do well with, best first (e.g. a few-step solver)
     schedules: tuple[tuple[str, int], ...] = ()
+    # text-conditioned models (model.caption_channels > 0): classifier-free guidance scale a request that names
+    # none gets (1.0: no guidance, the unconditional branch is not run)
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -149,6 +152,13 @@ class PipelineConfig:
             raise ValueError("chunk_frames must not exceed max_tpe_len")
         if self.fps < 1 or not 0 <= self.prefix_perturb_t < 1000:
             raise ValueError("fps must be >= 1 and prefix_perturb_t in [0, 1000)")
+        if not 1.0 <= self.guidance_scale <= 50.0:
+            raise ValueError("guidance_scale must be in [1, 50]")
+
+    @property
+    def takes_text(self) -> bool:
+        """Whether the model is conditioned on a text prompt (cross-attention to caption features)."""
+        return self.model.caption_channels > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,10 +181,13 @@ class PipelineConfig:
 
 
 # Named presets. XL/2 and B/2 are the paper's video-prediction models (256x256 video through the SD-VAE,
-# 32x32 latents); `small` is the packaged default model's shape (32x32 RGB pixels, 4x4 patches, 4.8 M
-# parameters: streams in real time on two CPU cores); `tiny` is a pixel-space model small enough for CPU tests.
+# 32x32 latents); XL/2-text is the text-conditioned XL/2 (T5 v1.1 XXL features: 4096 channels, 120 tokens);
+# `small` is the packaged default model's shape (32x32 RGB pixels, 4x4 patches, 4.8 M parameters: streams in real
+# time on two CPU cores); `tiny` is a pixel-space model small enough for CPU tests, `tiny-text` the same with text
+# cross-attention (32-channel caption features, 8 tokens: a tiny T5 encoder's).
 PRESETS: dict[str, PipelineConfig] = {
     "XL/2": PipelineConfig(model=ModelConfig(depth=28)),
+    "XL/2-text": PipelineConfig(model=ModelConfig(depth=28, caption_channels=4096, model_max_length=120)),
     "B/2": PipelineConfig(model=ModelConfig(depth=14)),
     "small": PipelineConfig(
         model=ModelConfig(
@@ -186,6 +199,19 @@ PRESETS: dict[str, PipelineConfig] = {
     "tiny": PipelineConfig(
         model=ModelConfig(input_size=(8, 16, 16), in_channels=3, hidden_size=64, depth=2, num_heads=2),
         codec="pixel",
+    ),
+    "tiny-text": PipelineConfig(
+        model=ModelConfig(
+            input_size=(8, 16, 16),
+            in_channels=3,
+            hidden_size=64,
+            depth=2,
+            num_heads=2,
+            caption_channels=32,
+            model_max_length=8,
+        ),  # fmt: skip
+        codec="pixel",
+        guidance_scale=3.0,
     ),
 }
 
