@@ -42,7 +42,7 @@ from .handle import DONE, ServerBusy, SessionFailed, SessionHandle, StreamInfo
 from .resume import load_sessions, save_sessions, take_saved, trim_clip
 from .runner import HostState, ModelRunner
 from .scheduler import Scheduler, StepPlan
-from .session import Clip, Session, SessionParams, SessionState
+from .session import Clip, Prompt, Session, SessionParams, SessionState
 from .stats import EngineStats
 
 __all__ = ["Engine", "ServerBusy", "SessionFailed", "SessionHandle", "StreamInfo"]
@@ -256,6 +256,23 @@ class Engine:
             if not session.state.is_finished:
                 session.cancel_requested = True
                 self._cond.notify_all()
+
+    def set_prompt(self, session: Session, prompt: Prompt, recache: bool = False,
+                   handle: SessionHandle | None = None) -> None:  # fmt: skip
+        """Condition the session on `prompt` from its next chunk on; `recache`: rewrite its cached frames' K/V under
+        it too (see `ModelRunner.set_prompt`). Raises ValueError for a model without text or a change of guidance.
+        With `handle`: only if that is still the session's consumer."""
+        if not self.pipe.config.takes_text:
+            raise ValueError(f"model {self.pipe.name} takes no text prompt")
+        if prompt.guided != (session.params.rows == 2):
+            raise ValueError("a prompt switch keeps the session's guidance scale")
+        with self._cond:
+            live = self._live.get(session.id)
+            if session.state.is_finished or (handle is not None and (live is None or live.handle is not handle)):
+                return
+        self._call_soon(lambda: None if session.state.is_finished else self.runner.set_prompt(session, prompt,
+                                                                                               recache))  # fmt: skip
+        self.stats.prompt_switches["recache" if recache else "keep"] += 1
 
     @property
     def num_active(self) -> int:

@@ -50,6 +50,19 @@ class _Graph:
     x: Tensor  # (rows, C, T, h, w) static latents
     t: Tensor | None  # (rows,) static timesteps (denoise only)
     out: Tensor | None  # (rows, 2C, T, h, w) static output (denoise only)
+    y: Tensor | None = None  # text models: (rows, L, C_cap) static caption features
+    y_mask: Tensor | None = None  # (rows, L) their token masks (padded rows: all valid)
+
+    def load_captions(self, y: Tensor | None, y_mask: Tensor | None) -> None:
+        if self.y is None or self.y_mask is None:
+            if y is not None:
+                raise ValueError("these graphs were captured without captions")
+            return
+        if y is None or y_mask is None:
+            raise ValueError("a text model's forward needs captions")
+        n = y.shape[0]
+        self.y[:n].copy_(y)
+        self.y_mask[:n].copy_(y_mask)
 
 
 class _GraphSet:
@@ -60,9 +73,10 @@ class _GraphSet:
     writes = False
 
     def __init__(self, model: CausalSTDiT, pool: KVPool, pages: PageManager, latent_shape: tuple[int, ...],
-                 max_batch: int, mempool=None) -> None:  # fmt: skip
+                 max_batch: int, mempool=None, captions: tuple[int, int] | None = None) -> None:  # fmt: skip
         self.model, self.pool, self.pages = model, pool, pages
         self.latent_shape = latent_shape  # (C, T, h, w) of a chunk
+        self.captions = captions  # text models: (L, C_cap) of a row's caption features
         self.buckets = batch_buckets(max_batch)
         self.mempool = mempool if mempool is not None else torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[int, int], _Graph] = {}
@@ -70,7 +84,8 @@ class _GraphSet:
     def keys(self) -> list[tuple[int, int]]:
         raise NotImplementedError
 
-    def _record(self, cache: PagedKVCache, x: Tensor, t: Tensor) -> Tensor | None:
+    def _record(self, cache: PagedKVCache, x: Tensor, t: Tensor, y: Tensor | None,
+                y_mask: Tensor | None) -> Tensor | None:  # fmt: skip
         """The captured work: a forward over `cache` and the static inputs."""
         raise NotImplementedError
 
@@ -87,13 +102,17 @@ class _GraphSet:
             cache = PagedKVCache(self.pool, self.pages, rows=rows, backend="triton")
             x = torch.zeros((rows, c, frames, h, w), device=dev)
             t = torch.zeros(rows, dtype=torch.long, device=dev)
+            y = y_mask = None
+            if self.captions is not None:
+                y = torch.zeros((rows, *self.captions), dtype=self.pool.temporal.dtype, device=dev)
+                y_mask = torch.ones((rows, self.captions[0]), dtype=torch.long, device=dev)
             if self.writes:
                 cache.begin_write(frames)  # no streams loaded: every row writes the scratch pages
             try:
-                graph, out = capture(lambda: self._record(cache, x, t), self.mempool)
+                graph, out = capture(lambda: self._record(cache, x, t, y, y_mask), self.mempool)
             finally:
                 cache.abort_write()
-            self._graphs[key] = _Graph(graph, cache, x, t, out)
+            self._graphs[key] = _Graph(graph, cache, x, t, out, y, y_mask)
         return self._graphs[key]
 
     def _bucket(self, n: int) -> int:
@@ -106,14 +125,18 @@ class GraphedDenoiser(_GraphSet):
     def keys(self) -> list[tuple[int, int]]:
         return [(rows, self.latent_shape[1]) for rows in self.buckets]
 
-    def _record(self, cache: PagedKVCache, x: Tensor, t: Tensor) -> Tensor | None:
-        return self.model.denoise(cache, x, t)
+    def _record(self, cache: PagedKVCache, x: Tensor, t: Tensor, y: Tensor | None,
+                y_mask: Tensor | None) -> Tensor | None:  # fmt: skip
+        return self.model.denoise(cache, x, t, y, y_mask)
 
-    def __call__(self, streams: list[StreamPages], x: Tensor, t: Tensor) -> Tensor:
-        """Epsilon | variance (B, 2C, T, h, w) of the chunks x (B, C, T, h, w) at timesteps t (B,)."""
+    def __call__(self, streams: list[StreamPages], x: Tensor, t: Tensor, y: Tensor | None = None,
+                 y_mask: Tensor | None = None) -> Tensor:  # fmt: skip
+        """Epsilon | variance (B, 2C, T, h, w) of the chunks x (B, C, T, h, w) at timesteps t (B,) (and captions
+        y (B, L, C_cap) with token masks (B, L) for a text model)."""
         n = x.shape[0]
         g = self._get((self._bucket(n), x.shape[2]))
         g.cache.load(streams)
+        g.load_captions(y, y_mask)
         g.x[:n].copy_(x)
         g.t[:n].copy_(t)
         g.graph.replay()
@@ -127,18 +150,21 @@ class GraphedWriter(_GraphSet):
     writes = True
 
     def __init__(self, model: CausalSTDiT, pool: KVPool, pages: PageManager, latent_shape: tuple[int, ...],
-                 max_batch: int, frame_counts: tuple[int, ...], mempool=None) -> None:  # fmt: skip
-        super().__init__(model, pool, pages, latent_shape, max_batch, mempool)
+                 max_batch: int, frame_counts: tuple[int, ...], mempool=None,
+                 captions: tuple[int, int] | None = None) -> None:  # fmt: skip
+        super().__init__(model, pool, pages, latent_shape, max_batch, mempool, captions)
         self.frame_counts = frame_counts
 
     def keys(self) -> list[tuple[int, int]]:
         return [(rows, frames) for rows in self.buckets for frames in self.frame_counts]
 
-    def _record(self, cache: PagedKVCache, x: Tensor, t: Tensor) -> Tensor | None:
-        self.model.write_kv(cache, x)
+    def _record(self, cache: PagedKVCache, x: Tensor, t: Tensor, y: Tensor | None,
+                y_mask: Tensor | None) -> Tensor | None:  # fmt: skip
+        self.model.write_kv(cache, x, y, y_mask)
         return None
 
-    def __call__(self, streams: list[StreamPages], x: Tensor) -> None:
+    def __call__(self, streams: list[StreamPages], x: Tensor, y: Tensor | None = None,
+                 y_mask: Tensor | None = None) -> None:  # fmt: skip
         """Write the clean chunks x (B, C, T, h, w) into the streams' caches: plan (may raise OutOfPages,
         nothing written), replay, commit."""
         n = x.shape[0]
@@ -146,6 +172,7 @@ class GraphedWriter(_GraphSet):
         g.cache.load(streams)
         g.cache.begin_write(x.shape[2])
         try:
+            g.load_captions(y, y_mask)
             g.x[:n].copy_(x)
             g.graph.replay()
         except BaseException:

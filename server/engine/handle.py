@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .session import Clip, Session, SessionState
+from .session import Clip, Prompt, Session, SessionState
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -88,6 +88,10 @@ class SessionHandle:
     def cancel(self) -> None:
         """End the session (if this handle is still its consumer's: see `Engine.cancel`)."""
         self._engine.cancel(self._session, handle=self)
+
+    def set_prompt(self, prompt: Prompt, recache: bool = False) -> None:
+        """Condition the session on `prompt` from its next clip on (see `Engine.set_prompt`)."""
+        self._engine.set_prompt(self._session, prompt, recache, handle=self)
 
     def end(self) -> None:
         """End this handle's iteration (its consumer left; the session itself goes on, detached)."""

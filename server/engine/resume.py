@@ -23,7 +23,7 @@ import torch
 from ca2vdm.server.media import ClipEncoder
 
 from .runner import HostState
-from .session import Clip, Session, SessionParams
+from .session import Clip, Prompt, Session, SessionParams
 
 log = logging.getLogger("ca2vdm.engine")
 
@@ -54,6 +54,16 @@ def _params_dict(p: SessionParams) -> dict:
             "pace": p.pace}  # fmt: skip
 
 
+def _prompt_dict(p: Prompt | None) -> dict | None:
+    return None if p is None else {"text": p.text, "y": p.y, "mask": p.mask, "guidance_scale": p.guidance_scale}
+
+
+def _prompt(record: dict | None) -> Prompt | None:
+    if record is None:
+        return None
+    return Prompt(str(record["text"]), record["y"], record["mask"], float(record["guidance_scale"]))
+
+
 def _record(session: Session, state: HostState) -> dict:
     return {
         "version": FORMAT_VERSION,
@@ -71,6 +81,10 @@ def _record(session: Session, state: HostState) -> dict:
         "step": state.step,
         "generator": state.generator,
         "x0_prev": state.x0_prev,
+        "prompt": _prompt_dict(state.prompt),
+        "pending_prompt": _prompt_dict(state.pending[0]) if state.pending else None,
+        "pending_recache": bool(state.pending and state.pending[1]),
+        "first_prompt": _prompt_dict(session.params.prompt),
         "clips": [
             {"index": c.index, "first_frame": c.first_frame, "frames": c.frames, "gen_ms": c.gen_ms}
             for c in session.unacked_clips()
@@ -122,8 +136,9 @@ def take_saved(directory: str | Path, token: str) -> tuple[Session, HostState] |
 def _session(record: dict) -> tuple[Session, HostState]:
     if record.get("version") != FORMAT_VERSION:
         raise ValueError(f"format version {record.get('version')!r}, expected {FORMAT_VERSION}")
-    session = Session(SessionParams(**record["params"]), id=str(record["id"]), resume_token=str(record["token"]),
-                      owner=record["owner"] or None, client=record["client"] or None)  # fmt: skip
+    params = SessionParams(**record["params"], prompt=_prompt(record.get("first_prompt")))
+    session = Session(params, id=str(record["id"]), resume_token=str(record["token"]), owner=record["owner"] or None,
+                      client=record["client"] or None)  # fmt: skip
     session.frames_done, session.clips_done = int(record["frames_done"]), int(record["clips_done"])
     session.acked_frames = int(record["acked_frames"])
     for c in record["clips"]:
@@ -132,7 +147,9 @@ def _session(record: dict) -> tuple[Session, HostState]:
         session.add_unacked(clip.end_frame, clip)
     state = HostState(history=record["history"], first_frame=int(record["first_frame"]), x=record["x"],
                       step=int(record["step"]), generator=record["generator"],
-                      x0_prev=record.get("x0_prev"))  # fmt: skip
+                      x0_prev=record.get("x0_prev"), prompt=_prompt(record.get("prompt")))  # fmt: skip
+    if (pending := _prompt(record.get("pending_prompt"))) is not None:
+        state.pending = (pending, bool(record.get("pending_recache")))
     return session, state
 
 

@@ -23,14 +23,14 @@ from ca2vdm.server.cache.block_manager import PageManager, StreamPages
 from ca2vdm.server.cache.paged import PagedKVCache, to_device
 from ca2vdm.server.cache.pool import KVPool
 from ca2vdm.server.model.codecs import frames_to_uint8, uint8_to_frames
-from ca2vdm.server.model.diffusion import Sampler
+from ca2vdm.server.model.diffusion import Sampler, classifier_free_guidance
 from ca2vdm.server.model.generate import perturb_for_cache
 from ca2vdm.server.model.layers import take
 from ca2vdm.server.model.loader import Pipeline
 
 from .config import EngineConfig
 from .graphs import GraphedDenoiser, GraphedWriter
-from .session import Session, SessionParams
+from .session import Prompt, Session, SessionParams
 
 
 @dataclass(eq=False)
@@ -45,6 +45,12 @@ class GenerationState:
     step: int  # next denoising index, counting down; -1: the chunk is finished
     history: list[Tensor]  # the latents written to the cache, chunk by chunk: at least the last max_cache_frames
     x0_prev: Tensor | None = None  # a multistep sampler's x0 estimate of the previous step (zeros at a chunk's start)
+    caption: Caption | None = None  # text models: the prompt's features on the device (None: the null caption)
+    uncond: StreamPages | None = None  # guided sessions: the unconditional branch's cache stream
+
+    def streams(self) -> list[StreamPages]:
+        """The session's forward rows: the unconditional stream first when guided (the reference's order)."""
+        return [self.pages] if self.uncond is None else [self.uncond, self.pages]
 
     def remember(self, written: Tensor, max_frames: int) -> None:
         """Keep a written chunk (1, C, T, h, w), and drop chunks that no longer hold any of the last `max_frames`."""
@@ -52,6 +58,15 @@ class GenerationState:
         total = sum(h.shape[2] for h in self.history)
         while total - self.history[0].shape[2] >= max_frames:
             total -= self.history.pop(0).shape[2]
+
+
+@dataclass(frozen=True, eq=False)
+class Caption:
+    """A prompt as the forwards use it: its features on the device, and the guidance scale."""
+
+    prompt: Prompt
+    y: Tensor  # (L, C) on the device
+    mask: Tensor  # (L,) on the device
 
 
 def _no_estimate(sampler: Sampler, x: Tensor) -> Tensor | None:
@@ -70,10 +85,14 @@ class HostState:
     step: int
     generator: Tensor  # the noise generator's state
     x0_prev: Tensor | None = None  # a multistep sampler's previous x0 estimate (None: zeros)
+    prompt: Prompt | None = None  # the prompt in use (a switch mid-stream replaces the session's first one)
+    pending: tuple[Prompt, bool] | None = None  # a switch asked for and not yet applied: (prompt, recache)
 
     @property
     def nbytes(self) -> int:
-        kept = (self.history, self.x, self.generator, *([self.x0_prev] if self.x0_prev is not None else []))
+        kept = [self.history, self.x, self.generator, *([self.x0_prev] if self.x0_prev is not None else [])]
+        if self.prompt is not None:
+            kept += [self.prompt.y, self.prompt.mask]
         return sum(t.numel() * t.element_size() for t in kept)
 
 
@@ -125,15 +144,26 @@ class ModelRunner:
         self.pages = PageManager(self.pool.num_pages, self.pool.num_prefix_pages, mc.prefix_frames,
                                  cfg.max_cache_frames)  # fmt: skip
         self.max_cache_frames = cfg.max_cache_frames
+        self.max_batch = config.max_batch  # rows per forward: a batch with guided sessions runs in several
+        # text models: the null caption (the model's y_embedding buffer: the unconditional branch, and sessions
+        # without a prompt) and an all-valid token mask for it
+        self.takes_text = cfg.takes_text
+        if self.takes_text:
+            self.null_y = self.model.y_embedder.y_embedding.detach()  # type: ignore[union-attr]
+            self.null_mask = torch.ones(self.null_y.shape[0], dtype=torch.long, device=pipe.device)
+        self.pending_prompts: dict[str, tuple[Prompt, bool]] = {}  # session id -> (prompt, recache) at its next chunk
         self.states: dict[str, GenerationState] = {}
         self.unloaded: dict[str, HostState] = {}  # sessions without pages that a prefill rebuilds
         self._samplers: dict[tuple[str, int], tuple[Sampler, list[int]]] = {}
         self.graphs: GraphedDenoiser | None = None
         self.writer: GraphedWriter | None = None
         if config.cuda_graphs and pipe.device.type == "cuda":
-            self.graphs = GraphedDenoiser(self.model, self.pool, self.pages, self.latent_shape, config.max_batch)
+            captions = (mc.model_max_length, mc.caption_channels) if self.takes_text else None
+            self.graphs = GraphedDenoiser(self.model, self.pool, self.pages, self.latent_shape, config.max_batch,
+                                          captions=captions)  # fmt: skip
             self.writer = GraphedWriter(self.model, self.pool, self.pages, self.latent_shape, config.max_batch,
-                                        frame_counts=(1, cfg.chunk_frames), mempool=self.graphs.mempool)  # fmt: skip
+                                        frame_counts=(1, cfg.chunk_frames), mempool=self.graphs.mempool,
+                                        captions=captions)  # fmt: skip
         self._warm_up_batches = sorted({1, min(2, config.max_sessions, config.max_batch)})
         largest = min(config.max_sessions, config.max_batch)
         self._measure_batches = sorted({1, min(2, largest), largest})
@@ -183,18 +213,91 @@ class ModelRunner:
             torch.cuda.synchronize()
 
     # ---- the forwards (CUDA graphs where captured, else eager over a cache of exactly the batch) ------------
+    # A forward's rows: one per session, two for a guided session (unconditional first, with the null caption and
+    # the prompt's token mask, as the reference builds its doubled batch); text models get each row's caption.
 
-    def _denoise_forward(self, streams: list[StreamPages], x: Tensor, t: Tensor) -> Tensor:
-        if self.graphs is not None:
-            return self.graphs(streams, x, t)
-        return self.model.denoise(PagedKVCache(self.pool, self.pages, streams), x, t)  # (B, 2C, T, h, w)
+    def _rows(self, streams: list[list[StreamPages]], captions: list[Caption | None],
+              x: Tensor) -> tuple[list[StreamPages], Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+        """Rows of sessions with these streams, captions and per-session inputs x (B, ...): (streams, x, y, mask)."""
+        flat = [st for group in streams for st in group]
+        if len(flat) != len(streams):
+            x = torch.cat([x[i : i + 1].expand(len(group), *x.shape[1:]) for i, group in enumerate(streams)])
+        if not self.takes_text:
+            return flat, x, None, None
+        ys, masks = [], []
+        for group, c in zip(streams, captions, strict=True):
+            y, mask = (self.null_y, self.null_mask) if c is None else (c.y, c.mask)
+            if len(group) == 2:
+                ys.append(self.null_y)
+                masks.append(mask)
+            ys.append(y)
+            masks.append(mask)
+        return flat, x, torch.stack(ys), torch.stack(masks)
 
-    def _write(self, streams: list[StreamPages], x: Tensor) -> None:
-        """Append clean chunks x (B, C, T, h, w) to the streams' caches: one batched write forward."""
-        if self.writer is not None:
-            self.writer(streams, x)
-        else:
-            self.model.write(PagedKVCache(self.pool, self.pages, streams), x)
+    def _caption(self, prompt: Prompt | None) -> Caption | None:
+        if prompt is None:
+            return None
+        if not self.takes_text:
+            raise ValueError(f"model {self.pipe.name} takes no text prompt")
+        dtype = self.null_y.dtype
+        return Caption(prompt, prompt.y.to(self.pipe.device, dtype), prompt.mask.to(self.pipe.device))
+
+    def _new_streams(self, prompt: Prompt | None, first_frame: int = 0) -> list[StreamPages]:
+        """A fresh cache stream per row of a session with this prompt (may raise OutOfPages, leaving none)."""
+        rows = 2 if prompt is not None and prompt.guided else 1
+        made: list[StreamPages] = []
+        try:
+            for _ in range(rows):
+                made.append(self.pages.new_stream(first_frame=first_frame))
+        except BaseException:
+            for st in made:
+                self.pages.release(st)
+            raise
+        return made
+
+    def _denoise_forward(self, streams: list[StreamPages], x: Tensor, t: Tensor, y: Tensor | None,
+                         mask: Tensor | None) -> Tensor:  # fmt: skip
+        outs = []
+        for a in range(0, len(streams), self.max_batch):
+            rows = slice(a, a + self.max_batch)
+            yr, mr = (y[rows], mask[rows]) if y is not None and mask is not None else (None, None)
+            if self.graphs is not None:
+                outs.append(self.graphs(streams[rows], x[rows], t[rows], yr, mr))
+            else:
+                cache = PagedKVCache(self.pool, self.pages, streams[rows])
+                outs.append(self.model.denoise(cache, x[rows], t[rows], yr, mr))  # (B, 2C, T, h, w)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _write(self, streams: list[list[StreamPages]], captions: list[Caption | None], x: Tensor,
+               graphed: bool = True) -> None:  # fmt: skip
+        """Append clean chunks x (B, C, T, h, w), one per session, to the sessions' caches (every row of a guided
+        session: the same latents under its two captions): batched write forwards. `graphed` False: eager (a
+        rebuild's many frames have no graph)."""
+        flat, x, y, mask = self._rows(streams, captions, x)
+        for a in range(0, len(flat), self.max_batch):
+            rows = slice(a, a + self.max_batch)
+            yr, mr = (y[rows], mask[rows]) if y is not None and mask is not None else (None, None)
+            if self.writer is not None and graphed:
+                self.writer(flat[rows], x[rows], yr, mr)
+            else:
+                self.model.write(PagedKVCache(self.pool, self.pages, flat[rows]), x[rows], yr, mr)
+
+    def _guide(self, gens: list[GenerationState], out: Tensor) -> Tensor:
+        """One output per session from the rows' outputs: a guided session's two rows combined (guidance on
+        epsilon, the learned variance from the conditional row)."""
+        if len(out) == len(gens):
+            return out
+        combined, i = [], 0
+        for g in gens:
+            if g.uncond is None:
+                combined.append(out[i : i + 1])
+                i += 1
+            else:
+                assert g.caption is not None
+                scale = g.caption.prompt.guidance_scale
+                combined.append(classifier_free_guidance(out[i + 1 : i + 2], out[i : i + 1], scale))
+                i += 2
+        return torch.cat(combined)
 
     # ---- the phases ------------------------------------------------------------------------------------------
 
@@ -221,7 +324,17 @@ class ModelRunner:
 
     def _prefill(self, sessions: list[Session]) -> list[Tensor | None]:
         dev = self.pipe.device
-        streams = [self.pages.new_stream() for _ in sessions]
+        prompts = [self.pending_prompts.pop(s.id, (s.params.prompt, False))[0] for s in sessions]
+        captions = [self._caption(p) for p in prompts]
+        streams: list[list[StreamPages]] = []
+        try:
+            for p in prompts:
+                streams.append(self._new_streams(p))
+        except BaseException:
+            for group in streams:
+                for st in group:
+                    self.pages.release(st)
+            raise
         samplers = [self._sampler(s.params.sampler, s.params.steps) for s in sessions]
         generators = [torch.Generator(dev).manual_seed(s.params.seed) for s in sessions]
         with_image = [i for i, s in enumerate(sessions) if s.params.image is not None]
@@ -236,13 +349,20 @@ class ModelRunner:
                 frame0[i] = decoded[j]
         x = torch.cat([perturb_for_cache(f, sampler, self.perturb_t, gen)
                        for f, (sampler, _), gen in zip(firsts, samplers, generators, strict=True)])  # fmt: skip
-        self._write(streams, x)  # may raise OutOfPages: no state is registered before it succeeded
-        for i, (s, st, (sampler, timesteps), gen) in enumerate(zip(sessions, streams, samplers, generators,
-                                                                   strict=True)):  # fmt: skip
+        try:
+            self._write(streams, captions, x)  # may raise OutOfPages: no state is registered before it succeeded
+        except BaseException:
+            for group in streams:
+                for st in group:
+                    self.pages.release(st)
+            raise
+        for i, (s, group, (sampler, timesteps), gen) in enumerate(zip(sessions, streams, samplers, generators,
+                                                                      strict=True)):  # fmt: skip
             noise = self._chunk_noise(gen)
-            self.states[s.id] = GenerationState(st, sampler, timesteps, gen, noise, step=sampler.num_steps - 1,
-                                                history=[x[i : i + 1]],
-                                                x0_prev=_no_estimate(sampler, noise))  # fmt: skip
+            self.states[s.id] = GenerationState(
+                group[-1], sampler, timesteps, gen, noise, step=sampler.num_steps - 1, history=[x[i : i + 1]],
+                x0_prev=_no_estimate(sampler, noise), caption=captions[i], uncond=group[0] if len(group) == 2 else None
+            )  # fmt: skip
         return frame0
 
     # ---- unloading and rebuilding (resumed sessions) ------------------------------------------------------
@@ -255,12 +375,14 @@ class ModelRunner:
         history = torch.cat(g.history, dim=2)[:, :, -self.max_cache_frames :]
         return HostState(history=history.cpu(), first_frame=g.pages.num_written - history.shape[2], x=g.x.cpu(),
                          step=g.step, generator=g.generator.get_state(),
-                         x0_prev=g.x0_prev.cpu() if g.x0_prev is not None else None)  # fmt: skip
+                         x0_prev=g.x0_prev.cpu() if g.x0_prev is not None else None,
+                         prompt=g.caption.prompt if g.caption is not None else None,
+                         pending=self.pending_prompts.get(session.id))  # fmt: skip
 
     def unload(self, session: Session) -> None:
         """Free the session's pages and keep its generation in host memory (a later prefill rebuilds it)."""
         if session.id in self.states:
-            state = self.host_state(session)
+            state = self.host_state(session)  # with a switch not yet applied (release drops it here)
             self.release(session)
             self.unloaded[session.id] = state
 
@@ -271,16 +393,54 @@ class ModelRunner:
         dev = self.pipe.device
         h = self.unloaded[session.id]
         sampler, timesteps = self._sampler(session.params.sampler, session.params.steps)
-        stream = self.pages.new_stream(first_frame=h.first_frame)
+        caption = self._caption(h.prompt)
         history = h.history.to(dev)
-        self.model.write(PagedKVCache(self.pool, self.pages, [stream]), history)  # may raise OutOfPages
+        group = self._write_fresh(h.prompt, caption, history, h.first_frame)  # may raise OutOfPages
         generator = torch.Generator(dev)
         generator.set_state(h.generator)
         x = h.x.to(dev)
         x0_prev = h.x0_prev.to(dev) if h.x0_prev is not None else _no_estimate(sampler, x)
-        self.states[session.id] = GenerationState(stream, sampler, timesteps, generator, x, h.step,
-                                                  history=[history], x0_prev=x0_prev)  # fmt: skip
+        self.states[session.id] = GenerationState(group[-1], sampler, timesteps, generator, x, h.step,
+                                                  history=[history], x0_prev=x0_prev, caption=caption,
+                                                  uncond=group[0] if len(group) == 2 else None)  # fmt: skip
+        if h.pending is not None:  # a switch asked for before it was unloaded (a newer one stays)
+            self.pending_prompts.setdefault(session.id, h.pending)
         del self.unloaded[session.id]
+
+    def _write_fresh(self, prompt: Prompt | None, caption: Caption | None, history: Tensor,
+                     first_frame: int) -> list[StreamPages]:  # fmt: skip
+        """New streams for a session (a row each), its `history` (1, C, N, h, w) written into them in one write,
+        positioned at `first_frame`; nothing is held if it fails."""
+        group = self._new_streams(prompt, first_frame)
+        try:
+            self._write([group], [caption], history, graphed=False)
+        except BaseException:
+            for st in group:
+                self.pages.release(st)
+            raise
+        return group
+
+    def set_prompt(self, session: Session, prompt: Prompt, recache: bool) -> None:
+        """Condition the session on `prompt` from its next chunk on (the chunk in flight keeps the old one).
+        `recache`: also rewrite the cached frames' K/V under the new prompt, in one write (else they keep the K/V
+        they were written with, and only new frames are written under it). The guidance scale cannot change (it
+        decides the session's rows)."""
+        self._caption(prompt)  # refuses a prompt for a model without text
+        if prompt.guided != (session.params.rows == 2):
+            raise ValueError("a prompt switch keeps the session's guidance (on or off)")
+        self.pending_prompts[session.id] = (prompt, recache)
+
+    def _switch(self, g: GenerationState, prompt: Prompt, recache: bool) -> None:
+        caption = self._caption(prompt)
+        if recache:
+            history = torch.cat(g.history, dim=2)[:, :, -self.max_cache_frames :]
+            first = g.pages.num_written - history.shape[2]
+            for st in g.streams():  # the K/V are rewritten from the kept latents: the old pages are not needed
+                self.pages.release(st)
+            group = self._write_fresh(prompt, caption, history, first)
+            g.pages, g.uncond = group[-1], group[0] if len(group) == 2 else None
+            g.history = [history]
+        g.caption = caption
 
     def restore(self, session: Session, state: HostState) -> None:
         """Register a saved session (read back from disk) as unloaded: its next prefill rebuilds it."""
@@ -297,8 +457,10 @@ class ModelRunner:
         dev = self.pipe.device
         gens = [self.states[s.id] for s in sessions]
         x = torch.cat([g.x for g in gens])
-        t = to_device(torch.tensor([g.timesteps[g.step] for g in gens]), dev)  # nothing in a step waits for the GPU
-        out = self._denoise_forward([g.pages for g in gens], x, t)
+        # nothing in a step waits for the GPU: timesteps (one per row) go over asynchronously
+        t = to_device(torch.tensor([g.timesteps[g.step] for g in gens for _ in g.streams()]), dev)
+        streams, rows_x, y, mask = self._rows([g.streams() for g in gens], [g.caption for g in gens], x)
+        out = self._guide(gens, self._denoise_forward(streams, rows_x, t, y, mask))
         groups: dict[int, list[int]] = {}
         for i, g in enumerate(gens):
             groups.setdefault(id(g.sampler), []).append(i)
@@ -338,11 +500,13 @@ class ModelRunner:
         gens = [self.states[s.id] for s in sessions]
         with self.timer("write", len(sessions)):
             clean = torch.cat([perturb_for_cache(g.x, g.sampler, self.perturb_t, g.generator) for g in gens])
-            self._write([g.pages for g in gens], clean)
-        for i, g in enumerate(gens):
+            self._write([g.streams() for g in gens], [g.caption for g in gens], clean)
+        for i, (s, g) in enumerate(zip(sessions, gens, strict=True)):
             g.remember(clean[i : i + 1], self.max_cache_frames)
             g.x, g.step = self._chunk_noise(g.generator), g.sampler.num_steps - 1
             g.x0_prev = _no_estimate(g.sampler, g.x)
+            if (switch := self.pending_prompts.pop(s.id, None)) is not None:
+                self._switch(g, *switch)
 
     def steps_left(self, session: Session) -> int:
         """Denoising steps left in the session's chunk in flight."""
@@ -351,9 +515,11 @@ class ModelRunner:
     def release(self, session: Session) -> None:
         """Give the session's pages back to the pool and drop its tensors (a no-op for a session never prefilled)."""
         self.unloaded.pop(session.id, None)
+        self.pending_prompts.pop(session.id, None)
         g = self.states.pop(session.id, None)
         if g is not None:
-            self.pages.release(g.pages)
+            for st in g.streams():
+                self.pages.release(st)
 
     @property
     def num_pages(self) -> int:

@@ -72,7 +72,7 @@ class Scheduler:
         """Queue a new session; False when its class's waiting queue is full (the caller refuses it as busy)."""
         cfg = self.config
         queue = self.waiting_live if session.is_live else self.waiting_background
-        free = cfg.max_sessions - len(self.active)
+        free = cfg.max_sessions - self.rows_held
         if not session.is_live:
             free = min(free, cfg.max_background_sessions - sum(not s.is_live for s in self.active))
         if len(queue) >= cfg.max_waiting + max(0, free):
@@ -101,13 +101,19 @@ class Scheduler:
     def num_active(self) -> int:
         return len(self.active)
 
+    @property
+    def rows_held(self) -> int:
+        """Cache streams the admitted sessions hold (a guided session holds two): `max_sessions` bounds this."""
+        return sum(s.params.rows for s in self.active)
+
     def live_steps(self) -> list[int]:
         """Denoising steps per chunk of the admitted live sessions that are not paused: the real-time load. A paused
         session gives its share up (a client that stopped reading must not keep others out) and takes it back only
         if it fits again when its client catches up; a cancelled one gives it up at once (before the next step
         removes it: a cluster's router asks in between)."""
         return [s.params.steps for s in self.active if s.is_live and not s.cancel_requested
-                and s.state not in (SessionState.PAUSED, SessionState.DETACHED)]  # fmt: skip
+                and s.state not in (SessionState.PAUSED, SessionState.DETACHED)
+                for _ in range(s.params.rows)]  # fmt: skip
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -169,7 +175,7 @@ class Scheduler:
         cfg = self.config
         detached = sorted((s for s in self.active if s.state is SessionState.DETACHED),
                           key=lambda s: s.detached_at)  # type: ignore[arg-type, return-value]  # fmt: skip
-        short = max(0, len(self.active) + self.num_waiting - cfg.max_sessions)  # slots waiting sessions lack
+        short = max(0, self.rows_held + self.num_waiting - cfg.max_sessions)  # slots waiting sessions lack
         for i, s in enumerate(detached):
             over = len(detached) - i > cfg.max_detached_sessions
             if over or short > 0 or now - s.detached_at >= cfg.resume_grace_s:  # type: ignore[operator]
@@ -182,10 +188,10 @@ class Scheduler:
         """Whether live session `s` can run with the other running live sessions and all keep real time. Alone it
         always can: where no session keeps real time, one is served as well as the engine can."""
         live = self.live_steps()
-        return not live or self.capacity.fits([*live, s.params.steps])
+        return not live or self.capacity.fits([*live, *[s.params.steps] * s.params.rows])
 
     def _can_admit_now(self, s: Session) -> bool:
-        if len(self.active) >= self.config.max_sessions:
+        if self.rows_held + s.params.rows > self.config.max_sessions:
             return False
         if s.is_live:
             return self._fits_live(s)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ca2vdm.server.media import FORMATS
 from ca2vdm.server.model.diffusion import DEFAULT_STEPS, SAMPLERS
+from ca2vdm.server.model.prompt import Prompt
 
 #: Request paces (the API's one list).
 PACES = ("realtime", "max")
@@ -57,7 +58,8 @@ class SessionState(enum.Enum):
 
 @dataclass(frozen=True)
 class SessionParams:
-    """A validated generation request. `image` is (H, W, 3) uint8 at the model's frame size, or None."""
+    """A validated generation request. `image` is (H, W, 3) uint8 at the model's frame size, or None. `prompt`: the
+    text condition of a text-conditioned model (None: unconditional, the model's null caption)."""
 
     image: Tensor | None = None
     seed: int = 0
@@ -66,6 +68,12 @@ class SessionParams:
     num_frames: int | None = None  # None: until cancelled
     format: str = "raw"  # "raw" (frames only) or one of media.FORMATS
     pace: str = "realtime"  # "realtime" (live, at the model's fps) or "max" (background, as fast as spare capacity)
+    prompt: Prompt | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows of every forward (and cache streams) the session takes: 2 when guided, else 1."""
+        return 2 if self.prompt is not None and self.prompt.guided else 1
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:

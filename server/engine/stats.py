@@ -45,3 +45,4 @@ class EngineStats:
     resumes: dict[str, int] = field(default_factory=lambda: {"exact": 0, "rebuilt": 0})
     resume_expired: int = 0  # detached sessions dropped without being resumed
     resume_seconds: Histogram = field(default_factory=lambda: Histogram(SECONDS))  # resume to first clip sent
+    prompt_switches: dict[str, int] = field(default_factory=lambda: {"keep": 0, "recache": 0})  # mid-stream
