@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Self
 
 import torch
 
@@ -99,6 +100,21 @@ def _respaced_alpha_bars(
     return used, alpha_bar[torch.tensor(used, dtype=torch.long)]  # (num_steps,)
 
 
+def _explicit_spacing(
+    timesteps: Sequence[int], num_train_steps: int, num_steps: int
+) -> Callable[[int, int], list[int]]:
+    """A `spacing` that returns exactly ``timesteps`` (validated: distinct integers in [0, num_train_steps),
+    ``num_steps`` of them), ascending."""
+    if any(isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)) or int(t) != t for t in timesteps):
+        raise ValueError(f"timesteps must be integers, got {list(timesteps)}")
+    used = sorted(int(t) for t in timesteps)
+    if len(set(used)) != len(used) or not used or used[0] < 0 or used[-1] >= num_train_steps:
+        raise ValueError(f"timesteps must be distinct integers in [0, {num_train_steps}), got {list(timesteps)}")
+    if len(used) != num_steps:
+        raise ValueError(f"num_steps={num_steps} but {len(used)} timesteps were given")
+    return lambda _num_train_steps, _num_steps: used
+
+
 class Sampler(ABC):
     """Reverse-diffusion step over a respaced chain of ``num_steps`` indices.
 
@@ -117,6 +133,17 @@ class Sampler(ABC):
       ignores it). Elements at different indices still batch: the weights are looked up per element.
     - ``q_sample(x0, k, noise)`` noises clean data to the level of index ``k`` (prefix perturbation).
     - All per-step tables live on one device; ``to(device)`` moves them and returns ``self``.
+
+    The chain's timesteps come from the class's ``spacing``, or are given explicitly (``timesteps=``, or
+    ``from_timesteps``), as the reference's respacing can keep any set (e.g. {0, 50, 999}).
+
+    ``float32_schedule`` derives the respaced schedule as the reference implementation does: its respacing rounds
+    the respaced betas to float32 and computes the schedule from them in float32 (alpha_bar = torch's float32
+    cumulative product of 1 - beta, on the CPU). Off (the default) the schedule is float64. The two differ where
+    float32 cannot hold 1 - beta: at index 0 (alpha_bar = 1 - 1e-4 in float32 leaves 1 - alpha_bar = 1.00017e-4,
+    so the final step's x0 coefficient beta / (1 - alpha_bar) is 1.7e-4 below 1) and wherever a respaced beta is
+    close to 1 (with the chain {0, 50, 999}, alpha_bar at 999 comes out 1.1e-4 low). Use it to reproduce the
+    reference's numbers.
     """
 
     num_steps: int
@@ -125,8 +152,23 @@ class Sampler(ABC):
     multistep: bool = False  # step() needs x0_prev (see the contract)
     spacing: Callable[[int, int], list[int]] = staticmethod(space_timesteps)  # which timesteps the chain uses
 
-    def __init__(self, num_steps: int, num_train_steps: int = 1000, clip_x0: bool = False) -> None:
-        used, alpha_bar = _respaced_alpha_bars(num_train_steps, num_steps, self.spacing)
+    def __init__(
+        self,
+        num_steps: int,
+        num_train_steps: int = 1000,
+        clip_x0: bool = False,
+        *,
+        timesteps: Sequence[int] | None = None,
+        float32_schedule: bool = False,
+    ) -> None:
+        spacing = self.spacing if timesteps is None else _explicit_spacing(timesteps, num_train_steps, num_steps)
+        used, alpha_bar = _respaced_alpha_bars(num_train_steps, num_steps, spacing)
+        beta = 1.0 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])  # respaced betas
+        if float32_schedule:
+            beta32 = beta.float()
+            alpha_bar = torch.cumprod(1.0 - beta32, dim=0).double()
+            beta = beta32.double()
+        self.float32_schedule = float32_schedule
         self.clip_x0 = clip_x0
         self.num_steps = num_steps
         self.num_train_steps = num_train_steps
@@ -134,7 +176,13 @@ class Sampler(ABC):
         self._used = list(used)  # the same on the host: reading it never waits for a device
         # (2, num_steps): sqrt(alpha_bar), sqrt(1 - alpha_bar) for q_sample
         self._q_table = torch.stack([alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()]).float()
-        self._step_table = self._build_step_table(alpha_bar).float()  # (rows, num_steps)
+        self._step_table = self._build_step_table(alpha_bar, beta).float()  # (rows, num_steps)
+
+    @classmethod
+    def from_timesteps(cls, timesteps: Sequence[int], num_train_steps: int = 1000, **kwargs: object) -> Self:
+        """A sampler over exactly these training timesteps (any order; distinct, in [0, num_train_steps)), e.g.
+        ``IDDPMSampler.from_timesteps([0, 50, 999])``; ``kwargs`` as the class's constructor takes them."""
+        return cls(len(timesteps), num_train_steps, timesteps=timesteps, **kwargs)  # type: ignore[arg-type]
 
     @property
     @abstractmethod
@@ -142,8 +190,9 @@ class Sampler(ABC):
         """Whether ``step`` consumes fresh Gaussian noise."""
 
     @abstractmethod
-    def _build_step_table(self, alpha_bar: torch.Tensor) -> torch.Tensor:
-        """Per-index coefficients (rows, num_steps) in float64 from the respaced alpha_bar (num_steps,)."""
+    def _build_step_table(self, alpha_bar: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """Per-index coefficients (rows, num_steps) in float64 from the respaced alpha_bar and betas (num_steps,)
+        (beta = 1 - alpha_bar / alpha_bar_prev, passed on its own because a float32 schedule rounds it)."""
 
     def _apply(
         self,
@@ -312,17 +361,23 @@ class IDDPMSampler(Sampler):
     clipped; the variance interpolates in log space between the clipped posterior variance and beta.
     """
 
-    def __init__(self, num_steps: int = 100, num_train_steps: int = 1000, clip_x0: bool = False) -> None:
-        super().__init__(num_steps, num_train_steps, clip_x0)
+    def __init__(
+        self,
+        num_steps: int = 100,
+        num_train_steps: int = 1000,
+        clip_x0: bool = False,
+        *,
+        timesteps: Sequence[int] | None = None,
+        float32_schedule: bool = False,
+    ) -> None:
+        super().__init__(num_steps, num_train_steps, clip_x0, timesteps=timesteps, float32_schedule=float32_schedule)
 
     @property
     def needs_noise(self) -> bool:
         return True
 
-    def _build_step_table(self, alpha_bar: torch.Tensor) -> torch.Tensor:
-        one = alpha_bar.new_ones(1)
-        alpha_bar_prev = torch.cat([one, alpha_bar[:-1]])
-        beta = 1.0 - alpha_bar / alpha_bar_prev
+    def _build_step_table(self, alpha_bar: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
         # posterior q(x_{k-1} | x_k, x0) = N(c_x0 * x0 + c_xt * x_k, post_var)
         c_x0 = beta * alpha_bar_prev.sqrt() / (1.0 - alpha_bar)
         c_xt = (1.0 - alpha_bar_prev) * (1.0 - beta).sqrt() / (1.0 - alpha_bar)
@@ -358,22 +413,26 @@ class DDIMSampler(Sampler):
     """DDIM over the same respaced chain; deterministic at ``eta = 0`` so it ignores the variance output."""
 
     def __init__(
-        self, num_steps: int = 25, num_train_steps: int = 1000, eta: float = 0.0, clip_x0: bool = False
+        self,
+        num_steps: int = 25,
+        num_train_steps: int = 1000,
+        eta: float = 0.0,
+        clip_x0: bool = False,
+        *,
+        timesteps: Sequence[int] | None = None,
     ) -> None:
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and 0.0 <= eta <= 1.0):
             raise ValueError(f"eta must be a finite number in [0, 1], got {eta!r}")
         self.eta = float(eta)
-        super().__init__(num_steps, num_train_steps, clip_x0)
+        super().__init__(num_steps, num_train_steps, clip_x0, timesteps=timesteps)
 
     @property
     def needs_noise(self) -> bool:
         return self.eta > 0.0
 
-    def _build_step_table(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+    def _build_step_table(self, alpha_bar: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-        sigma = (
-            self.eta * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)).sqrt() * (1.0 - alpha_bar / alpha_bar_prev).sqrt()
-        )
+        sigma = self.eta * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)).sqrt() * beta.sqrt()
         dir_coef = (1.0 - alpha_bar_prev - sigma**2).clamp_min(0.0).sqrt()
         # x_prev = sqrt(ab_prev) * x0 + dir_coef * eps + sigma * z, with x0 eliminated
         a_xt = (alpha_bar_prev / alpha_bar).sqrt()
@@ -414,8 +473,15 @@ class DPMSolverPP2MSampler(Sampler):
     multistep = True
     spacing = staticmethod(log_snr_timesteps)
 
-    def __init__(self, num_steps: int = 10, num_train_steps: int = 1000, clip_x0: bool = False) -> None:
-        super().__init__(num_steps, num_train_steps, clip_x0)
+    def __init__(
+        self,
+        num_steps: int = 10,
+        num_train_steps: int = 1000,
+        clip_x0: bool = False,
+        *,
+        timesteps: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(num_steps, num_train_steps, clip_x0, timesteps=timesteps)
 
     def perturb_index(self, t_p: int) -> int | None:
         """The chain's index nearest to ``t_p`` (the chain is not evenly strided in t, so the reference's
@@ -431,7 +497,7 @@ class DPMSolverPP2MSampler(Sampler):
     def needs_noise(self) -> bool:
         return False
 
-    def _build_step_table(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+    def _build_step_table(self, alpha_bar: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         n = alpha_bar.shape[0]
         alpha, sigma = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
         alpha_t = torch.cat([alpha.new_ones(1), alpha[:-1]])  # the target of index k's step is index k - 1

@@ -9,6 +9,7 @@ rather than of the same code.
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from ca2vdm.server.model.diffusion import (
     Sampler,
     classifier_free_guidance,
     linear_betas,
+    log_snr_timesteps,
     make_sampler,
     space_timesteps,
 )
@@ -319,6 +321,104 @@ def test_perturb_index():
     assert IDDPMSampler(100).perturb_index(999) == 99
     with pytest.raises(ValueError):
         IDDPMSampler(100).perturb_index(1000)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Explicit timesteps and the reference's float32 schedule
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_explicit_timesteps():
+    """A chain over given training timesteps (the reference's respacing keeps any set, e.g. {0, 50, 999})."""
+    # the timesteps a spacing would pick give exactly that sampler
+    for cls, n, spacing in ((IDDPMSampler, 25, space_timesteps), (DDIMSampler, 7, space_timesteps),
+                            (DPMSolverPP2MSampler, 6, log_snr_timesteps)):  # fmt: skip
+        a, b = cls(n), cls(n, timesteps=spacing(T_TRAIN, n))
+        assert torch.equal(a._step_table, b._step_table) and torch.equal(a._q_table, b._q_table)
+        assert torch.equal(a.timesteps, b.timesteps)
+    s = IDDPMSampler.from_timesteps([999, 0, 50])  # any order
+    assert type(s) is IDDPMSampler and s.num_steps == 3 and s.timesteps.tolist() == [0, 50, 999]
+    used = [0, 50, 999]
+    ks = torch.tensor([0, 1, 2, 2, 1])
+    x, model_out, noise = _random_inputs(ks, seed=31)
+    got = s.step(x, model_out, ks, noise)
+    c = SHAPE[0]
+    for i, k in enumerate(ks.tolist()):
+        want = _ref_iddpm(x[i].double(), model_out[i, :c].double(), model_out[i, c:].double(), noise[i].double(), k,
+                          used)  # fmt: skip
+        assert _rel_err(got[i], want) < 1e-5
+    d = DDIMSampler.from_timesteps(used, eta=0.5)
+    assert d.eta == 0.5 and d.timesteps.tolist() == used
+    got = d.step(x, model_out, ks, noise)
+    for i, k in enumerate(ks.tolist()):
+        assert (
+            _rel_err(got[i], _ref_ddim(x[i].double(), model_out[i, :c].double(), noise[i].double(), k, used, 0.5))
+            < 1e-5
+        )
+    assert IDDPMSampler.from_timesteps([0, 50, 999]).perturb_index(50) is None  # int(50 * 3 / 1000) = 0
+
+
+@pytest.mark.parametrize(
+    ("timesteps", "num_steps"), [([0, 0, 5], 3), ([0, 1000], 2), ([-1, 5], 2), ([0, 2.5], 2), ([True, 5], 2),
+                                 ([], 0), ([0, 5, 9], 4)],
+)  # fmt: skip
+def test_explicit_timesteps_rejects_bad_lists(timesteps, num_steps):
+    with pytest.raises(ValueError, match="timesteps"):
+        IDDPMSampler(num_steps, timesteps=timesteps)
+
+
+def _f32(value: float) -> float:
+    """Round a Python float to the nearest float32."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _float32_schedule(used: list[int]) -> tuple[list[float], list[float]]:
+    """The reference's respaced schedule: betas rounded to float32, alpha_bar the running product of the float32
+    1 - beta (exact in a Python float, then rounded once: float32 math), accumulated in double and rounded to
+    float32 at each index, as torch's float32 cumprod does on the CPU."""
+    betas, alpha_bars, prev, acc = [], [], 1.0, 1.0
+    for t in used:
+        beta = _f32(1.0 - ALPHA_BARS[t] / prev)
+        prev = ALPHA_BARS[t]
+        acc *= _f32(1.0 - beta)
+        betas.append(beta)
+        alpha_bars.append(_f32(acc))
+    return alpha_bars, betas
+
+
+def _ref_iddpm_posterior(x, eps, v, noise, k: int, alpha_bars: list[float], betas: list[float]) -> torch.Tensor:
+    """One step in the posterior form (x0 from eps, then the posterior mean), for a schedule whose beta is not
+    exactly 1 - alpha_bar / alpha_bar_prev."""
+    ab, beta = alpha_bars[k], betas[k]
+    ab_prev = alpha_bars[k - 1] if k > 0 else 1.0
+    x0 = (x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
+    mean = (beta * math.sqrt(ab_prev) * x0 + (1.0 - ab_prev) * math.sqrt(1.0 - beta) * x) / (1.0 - ab)
+    if k == 0:
+        return mean
+    post_var = beta * (1.0 - ab_prev) / (1.0 - ab)
+    frac = (v + 1.0) / 2.0
+    return mean + beta ** (frac / 2.0) * post_var ** ((1.0 - frac) / 2.0) * noise
+
+
+@pytest.mark.parametrize("used", [[0, 50, 999], space_timesteps(T_TRAIN, 100)])
+def test_iddpm_float32_schedule(used):
+    s = IDDPMSampler.from_timesteps(used, float32_schedule=True)
+    assert s.float32_schedule and not IDDPMSampler(7).float32_schedule
+    alpha_bars, betas = _float32_schedule(used)
+    assert s._q_table[0].tolist() == [_f32(math.sqrt(ab)) for ab in alpha_bars]
+    assert s._q_table[1].tolist() == pytest.approx([math.sqrt(1.0 - ab) for ab in alpha_bars], rel=1e-7)
+    n = len(used)
+    ks = torch.tensor([0, 1, n - 1, n // 2, 0])
+    x, model_out, noise = _random_inputs(ks, seed=41)
+    got = s.step(x, model_out, ks, noise)
+    c = SHAPE[0]
+    for i, k in enumerate(ks.tolist()):
+        want = _ref_iddpm_posterior(x[i].double(), model_out[i, :c].double(), model_out[i, c:].double(),
+                                    noise[i].double(), k, alpha_bars, betas)  # fmt: skip
+        assert _rel_err(got[i], want) < 1e-6, f"k={k}"
+    # it is not the float64 schedule: the last step's x0 coefficient beta / (1 - alpha_bar) is 1.7e-4 below 1
+    exact = IDDPMSampler.from_timesteps(used)
+    assert _rel_err(s.step(x[:1], model_out[:1], 0, noise[:1]), exact.step(x[:1], model_out[:1], 0, noise[:1])) > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -70,6 +70,16 @@ def test_reference_state_dict_keys(reference_dir, name):
     assert ours == expected
 
 
+def test_text_preset_has_the_reference_text_model_keys(reference_dir):
+    """The `XL/2-text` preset builds the official text-conditioned XL/2 (T5 features): same names and shapes."""
+    expected = json.loads((reference_dir / "state_dict_keys.json").read_text())["xl2_text_conditioned"]
+    preset = get_preset("XL/2-text")
+    assert preset.takes_text
+    with torch.device("meta"):
+        model = CausalSTDiT(preset.model)
+    assert {k: list(t.shape) for k, t in model.state_dict().items()} == expected
+
+
 # ---- cached path == recompute path ------------------------------------------------------------------
 
 
