@@ -20,8 +20,9 @@ COPY server ./server
 COPY kernels ./kernels
 COPY client ./client
 COPY ca2vdm ./ca2vdm
-# cluster: Ray Serve, PostgreSQL and S3 clients for the scale-out deployment (deploy/ray, docs/scale-out.md)
-RUN pip install ".[vae,cluster]"
+# cluster: Ray Serve, PostgreSQL and S3 clients for the scale-out deployment (deploy/ray, docs/scale-out.md);
+# text: the T5 encoder of text-conditioned models (--text-encoder)
+RUN pip install ".[vae,cluster,text]"
 
 # ---- runtime stage --------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE}

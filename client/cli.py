@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=_seed)
         p.add_argument("--sampler", help="a sampler the model offers (GET /v1/models lists them); default: the model's")
         p.add_argument("--steps", type=_positive, help="denoising steps per chunk")
+        p.add_argument("--prompt", help="text-conditioned models: what the video shows")
+        p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (1: off; default: the model's)")
         p.add_argument("--frames", type=_positive, required=frames_required,
                        help="frames to generate" + ("" if frames_required else " (default: until Ctrl-C)"))  # fmt: skip
 
@@ -212,7 +214,8 @@ async def _stream(args: argparse.Namespace) -> int:
     try:
         # a dropped connection is resumed inside: the clips stay contiguous, so the file is as if uninterrupted
         events = client.stream(image=args.image, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                               num_frames=args.frames, format="fmp4", resume=args.max_reconnects > 0,
+                               num_frames=args.frames, format="fmp4", prompt=args.prompt,
+                               guidance_scale=args.guidance_scale, resume=args.max_reconnects > 0,
                                max_reconnects=args.max_reconnects, on_reconnect=on_reconnect)  # fmt: skip
         async with aclosing(events):
             async for event in events:
@@ -254,7 +257,15 @@ async def _stream(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     with JobsClient(args.url, args.api_key) as jobs:
-        job = jobs.submit(args.frames, image=args.image, seed=args.seed, sampler=args.sampler, steps=args.steps)
+        job = jobs.submit(
+            args.frames,
+            image=args.image,
+            seed=args.seed,
+            sampler=args.sampler,
+            steps=args.steps,
+            prompt=args.prompt,
+            guidance_scale=args.guidance_scale,
+        )
         if not (args.wait or args.out):
             _print_json(job)
             return 0

@@ -51,12 +51,16 @@ class JobsClient:
         seed: int | None = None,
         sampler: str | None = None,
         steps: int | None = None,
+        prompt: str | None = None,
+        guidance_scale: float | None = None,
     ) -> Job:
-        """Queue a job of `num_frames` frames (image: PNG/JPEG bytes or a path); returns the new job."""
+        """Queue a job of `num_frames` frames (image: PNG/JPEG bytes or a path; prompt and guidance_scale:
+        text-conditioned models); returns the new job."""
         body: dict[str, Any] = {"num_frames": num_frames}
         if image is not None:
             body["image"] = encode_image(image)
-        for key, value in (("seed", seed), ("sampler", sampler), ("steps", steps)):
+        for key, value in (("seed", seed), ("sampler", sampler), ("steps", steps), ("prompt", prompt),
+                           ("guidance_scale", guidance_scale)):  # fmt: skip
             if value is not None:
                 body[key] = value
         return self._json("POST", "/v1/videos", json=body)

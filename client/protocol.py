@@ -19,6 +19,8 @@ PACES = ("realtime", "max")
 ERROR_CODES = ("invalid_request", "unauthorized", "server_busy", "slow_consumer", "expired", "replaced", "internal")
 MAX_SEED = 2**63 - 1
 MAX_TOKEN_CHARS = 128
+MAX_PROMPT_CHARS = 2000  # a text prompt (text-conditioned models)
+MAX_GUIDANCE_SCALE = 50.0
 
 SamplerName = Literal["ddim", "iddpm", "dpm++2m"]
 FormatName = Literal["fmp4", "jpeg"]
@@ -42,6 +44,17 @@ def Int(ge: int | None = None, le: int | None = None) -> Any:  # noqa: N802 - a 
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
+# text-conditioned models: the prompt and guidance of a start (and of a REST job)
+PromptText = Annotated[
+    str | None,
+    Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="text-conditioned models: what the video shows "
+          "(none: unconditional)"),
+]  # fmt: skip
+GuidanceScale = Annotated[
+    float | None,
+    Field(ge=1, le=MAX_GUIDANCE_SCALE, description="classifier-free guidance (1: off; default: the model's)"),
+]
+
 
 # ---- client -> server ----------------------------------------------------------------------------------------------
 
@@ -59,6 +72,8 @@ class StartMessage(BaseModel):
     num_frames: Int(1) | None = None
     format: FormatName = "fmp4"
     pace: PaceName = "realtime"
+    prompt: PromptText = None
+    guidance_scale: GuidanceScale = None
 
 
 class ResumeMessage(BaseModel):
@@ -84,6 +99,16 @@ class AckMessage(BaseModel):
     model_config = _STRICT
     type: Literal["ack"]
     frames: Int(0)
+
+
+class PromptMessage(BaseModel):
+    """Text-conditioned models: condition the stream on `text` from its next clip on. `recache`: also rewrite the
+    cached frames under the new prompt (a faster, stronger change; costs one cache write), else they keep theirs."""
+
+    model_config = _STRICT
+    type: Literal["prompt"]
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    recache: bool = False
 
 
 # ---- server -> client ----------------------------------------------------------------------------------------------
@@ -135,7 +160,7 @@ class ErrorMessage(BaseModel):
     message: str
 
 
-CLIENT_MESSAGES: tuple[type[BaseModel], ...] = (StartMessage, ResumeMessage, StopMessage, AckMessage)
+CLIENT_MESSAGES: tuple[type[BaseModel], ...] = (StartMessage, ResumeMessage, StopMessage, AckMessage, PromptMessage)
 SERVER_MESSAGES: tuple[type[BaseModel], ...] = (ReadyMessage, ClipMessage, DoneMessage, ErrorMessage)
 
 ServerMessage = TypeAdapter(

@@ -131,6 +131,8 @@ class StreamClient:
         num_frames: int | None = None,
         format: str = "fmp4",
         pace: str = "realtime",
+        prompt: str | None = None,
+        guidance_scale: float | None = None,
         resume: bool = True,
         max_reconnects: int | None = 10,
         backoff_s: float = 0.2,
@@ -141,6 +143,8 @@ class StreamClient:
 
         `image`: PNG/JPEG bytes or a path (sent base64); `num_frames` None streams until `stop()` (or the server's
         max_frames). `pace`: "realtime" (a viewer at the model's fps) or "max" (as fast as spare capacity allows).
+        `prompt`, `guidance_scale`: text-conditioned models (`GET /v1/models` says `text`); `set_prompt` changes the
+        prompt of the running stream.
         Unset fields take the server's defaults. Each clip is acknowledged when the caller asks for the next event,
         so a caller that stops iterating makes the server pause the stream (flow control).
 
@@ -160,7 +164,8 @@ class StreamClient:
         start: dict[str, Any] = {"type": "start", "format": format, "pace": pace}
         if image is not None:
             start["image"] = encode_image(image)
-        for key, value in (("seed", seed), ("sampler", sampler), ("steps", steps), ("num_frames", num_frames)):
+        for key, value in (("seed", seed), ("sampler", sampler), ("steps", steps), ("num_frames", num_frames),
+                           ("prompt", prompt), ("guidance_scale", guidance_scale)):  # fmt: skip
             if value is not None:
                 start[key] = value
         events = self._run(_Session(start, 0), resume, max_reconnects, backoff_s, max_backoff_s, on_reconnect)
@@ -191,6 +196,17 @@ class StreamClient:
         async with aclosing(events):
             async for event in events:
                 yield event
+
+    async def set_prompt(self, text: str, recache: bool = False) -> None:
+        """Text-conditioned models: the running stream(s) take `text` as their prompt from a later clip on
+        (`recache`: the cached frames are rewritten under it too). The server allows one change per
+        `min_prompt_interval_s`; a faster one ends the stream with `invalid_request`."""
+        message = json.dumps({"type": "prompt", "text": text, "recache": recache})
+        for ws in list(self._active):
+            try:
+                await ws.send(message)
+            except ConnectionClosed:
+                pass
 
     async def stop(self) -> None:
         """Ask the server to stop the running stream(s); each then ends with `Done`. Idempotent.

@@ -28,11 +28,48 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="model directory, official .pt/.pth checkpoint (with --preset), or random:PRESET; "
         "default: the packaged model",
     )
-    p.add_argument("--preset", default=_env("preset", None), help="preset of an official checkpoint: XL/2, B/2, tiny")
+    p.add_argument(
+        "--preset", default=_env("preset", None), help="preset of an official checkpoint: XL/2, XL/2-text, B/2, tiny"
+    )
     p.add_argument("--vae", default=_env("vae", None), help="SD-VAE directory (diffusers layout) for latent models")
     p.add_argument("--device", default=_env("device", "auto"), choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default=_env("precision", "auto"), choices=["auto", "bf16", "fp8"],
                    help="fp8: block linears in float8 e4m3 (GPUs of compute capability 8.9+, bf16 models)")  # fmt: skip
+    p.add_argument("--text-encoder", default=_env("text_encoder", None), metavar="DIR",
+                   help="text-conditioned models: a local T5 v1.1 XXL directory (transformers' T5 encoder and its "
+                   "tokenizer); nothing is downloaded")  # fmt: skip
+    p.add_argument(
+        "--text-encoder-device",
+        default=_env("text_encoder_device", "auto"),
+        choices=["auto", "cpu", "cuda"],
+        help="where the text encoder runs (auto: the model's device)",
+    )
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The pipeline the model flags describe."""
+    from .model.loader import load_pipeline
+
+    return load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device, precision=args.precision,
+                         text_encoder=args.text_encoder, text_device=args.text_encoder_device)  # fmt: skip
+
+
+def _prompt(pipe: Any, text: str | None, guidance_scale: float | None) -> Any:
+    """`--prompt` / `--guidance-scale` -> the model's Prompt (None without a prompt); refused for a model without
+    text, and guidance without a prompt."""
+    from .model.prompt import Prompt
+
+    if not pipe.config.takes_text:
+        if text is not None or guidance_scale is not None:
+            raise ValueError(f"model {pipe.name} is not text-conditioned: it takes no --prompt or --guidance-scale")
+        return None
+    if text is None:
+        if guidance_scale is not None and guidance_scale > 1:
+            raise ValueError("--guidance-scale needs a --prompt")
+        return None
+    features = pipe.text.encode(text)
+    scale = pipe.config.guidance_scale if guidance_scale is None else guidance_scale
+    return Prompt(text, features.y, features.mask, scale)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -40,17 +77,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from .media import load_image, write_mp4
     from .model.generate import generate_video
-    from .model.loader import load_pipeline
 
     if args.frames < 1:
         raise ValueError("--frames must be >= 1")
-    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device, precision=args.precision)
+    pipe = _load(args)
     image = None
     if args.image is not None:
         image = load_image(args.image, size=pipe.frame_size)
     sampler_name = args.sampler or pipe.config.default_sampler
     steps = args.steps or pipe.default_steps(sampler_name)
     sampler = pipe.sampler(sampler_name, steps)
+    prompt = _prompt(pipe, args.prompt, args.guidance_scale)
     h, w = pipe.frame_size
     log.info(
         "model %s on %s: %dx%d at %d fps, %s with %d steps, seed %d",
@@ -70,6 +107,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         image=None if image is None else torch.as_tensor(image),
         num_frames=args.frames,
         seed=args.seed,
+        prompt=prompt,
         progress=True,
     )
     elapsed = time.perf_counter() - start
@@ -210,10 +248,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .model.loader import load_pipeline
     from .train.evaluate import evaluate
 
-    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device, precision=args.precision)
+    pipe = _load(args)
     seeds = list(range(args.seed, args.seed + args.videos))
     result = evaluate(pipe, seeds=seeds, ar_steps=args.ar_steps, sampler=args.sampler, steps=args.steps,
                       keep_videos=3 if args.sheet else 0)  # fmt: skip
@@ -254,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=_env("steps", None, int), help="denoising steps per chunk")
     gen.add_argument("--sampler", choices=SAMPLERS, default=_env("sampler", None))
     gen.add_argument("--seed", type=int, default=_env("seed", 0, int))
+    gen.add_argument("--prompt", default=_env("prompt", None), help="text-conditioned models: what the video shows")
+    gen.add_argument("--guidance-scale", type=float, default=_env("guidance_scale", None, float),
+                     help="classifier-free guidance (1: off; default: the model's)")  # fmt: skip
     gen.add_argument("--out", default=_env("out", None), required=_env("out", None) is None, help="output MP4")
     gen.set_defaults(func=_cmd_generate)
 

@@ -28,9 +28,9 @@ APP_NAME = "ca2vdm"
 IMPORT_PATH = "ca2vdm.server.cluster.app:build"
 # args an environment variable CA2VDM_<NAME> overrides (documented beside each in serve.yaml)
 OVERRIDABLE = (
-    "model", "preset", "vae", "device", "precision", "data_dir", "max_sessions", "max_batch", "api_key_file",
-    "allowed_origins", "cors_origins", "job_store_url", "object_store_url", "session_dir", "gpus_per_replica",
-    "ingress_replicas", "replicas", "min_replicas", "max_replicas",
+    "model", "preset", "vae", "device", "precision", "text_encoder", "data_dir", "max_sessions", "max_batch",
+    "api_key_file", "allowed_origins", "cors_origins", "job_store_url", "object_store_url", "session_dir",
+    "gpus_per_replica", "ingress_replicas", "replicas", "min_replicas", "max_replicas",
 )  # fmt: skip
 INTEGERS = {"max_sessions", "max_batch", "ingress_replicas", "replicas", "min_replicas", "max_replicas"}
 NUMBERS = {"gpus_per_replica"}

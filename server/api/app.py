@@ -58,12 +58,15 @@ def local_services(settings: Settings, pipeline: Pipeline | None = None) -> Serv
     @asynccontextmanager
     async def services(app: FastAPI) -> AsyncIterator[None]:
         pipe = pipeline or load_pipeline(settings.model, preset=settings.preset, vae=settings.vae,
-                                         device=settings.device, precision=settings.precision)  # fmt: skip
+                                         device=settings.device, precision=settings.precision,
+                                         text_encoder=settings.text_encoder,
+                                         text_device=settings.text_encoder_device)  # fmt: skip
         engine = Engine(pipe, settings.engine_config()).start()  # warm-up included: /readyz turns 200 after this
         app.state.engine = engine
         app.state.decoder = RequestDecoder(settings, pipe)
         app.state.jobs = JobStore(settings.data_dir, settings.max_job_attempts)
-        app.state.job_runner = JobRunner(app.state.jobs, engine, settings.max_queued_jobs, settings.max_running_jobs)
+        app.state.job_runner = JobRunner(app.state.jobs, engine, settings.max_queued_jobs, settings.max_running_jobs,
+                                         prompt=app.state.decoder.prompt)  # fmt: skip
         app.state.metrics = lambda: metrics_text(engine, app.state.jobs)
         app.state.job_runner.resume()
         log.info("model %s ready on %s: %dx%d at %d fps, real-time capacity %d sessions", pipe.name, pipe.device,
@@ -178,6 +181,8 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None, services: S
             "default_sampler": pipe.config.default_sampler,
             "default_steps": pipe.config.default_steps,
             "schedules": pipe.config.recommended_schedules(),
+            "text": pipe.config.takes_text,  # takes a prompt (start / POST /v1/videos `prompt`, the `prompt` message)
+            "guidance_scale": pipe.config.guidance_scale if pipe.config.takes_text else None,
             "max_steps": settings.max_steps,
             "max_frames": settings.max_frames,
             "realtime_capacity_sessions": engine.realtime_capacity(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -12,16 +13,24 @@ import torch
 from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed
 from ca2vdm.server.engine.session import SessionParams
 from ca2vdm.server.media import Mp4Writer
+from ca2vdm.server.model.prompt import Prompt
 
 from .jobs import Job, JobQueueFull, JobStore
-from .requests import lower_thread_priority
+from .requests import Reject, lower_thread_priority
 
 log = logging.getLogger("ca2vdm.jobs")
 
 
+PromptFn = Callable[[str | None, float | None], Awaitable[Prompt | None]]
+
+
 class JobRunner:
-    def __init__(self, store: JobStore, engine: Engine, max_queued: int, max_running: int) -> None:
+    def __init__(self, store: JobStore, engine: Engine, max_queued: int, max_running: int,
+                 prompt: PromptFn | None = None) -> None:  # fmt: skip
+        """`prompt`: a job's prompt text and guidance scale -> the engine's Prompt (`RequestDecoder.prompt`: the
+        text encoder, whose LRU holds what the request encoded), for jobs of text-conditioned models."""
         self.store, self.engine = store, engine
+        self._prompt = prompt
         self.max_queued = max_queued
         self._slots = asyncio.Semaphore(max_running)  # a job waits here for its turn: no polling
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -72,11 +81,19 @@ class JobRunner:
             log.info("%d job(s) stopped by shutdown stay queued for the next start", len(tasks))
 
     async def _run(self, job: Job, image: torch.Tensor | None) -> None:
-        params = SessionParams(image=image, seed=job.seed, sampler=job.sampler, steps=job.steps,
-                               num_frames=job.num_frames, format="raw", pace="max")  # fmt: skip
         handle = None
         writer: Mp4Writer | None = None
         try:
+            prompt = None
+            if job.prompt is not None:
+                if self._prompt is None:
+                    raise ValueError("this server cannot encode the job's prompt")
+                try:
+                    prompt = await self._prompt(job.prompt, job.guidance_scale)
+                except Reject as exc:
+                    raise ValueError(str(exc)) from exc
+            params = SessionParams(image=image, seed=job.seed, sampler=job.sampler, steps=job.steps,
+                                   num_frames=job.num_frames, format="raw", pace="max", prompt=prompt)  # fmt: skip
             async with self._slots:
                 handle = await self.engine.start_session(params)
                 self.store.update(job.id, status="in_progress")

@@ -31,7 +31,9 @@ from ca2vdm.server.media import Mp4Writer
 
 log = logging.getLogger("ca2vdm.jobs")
 
-_COLUMNS = "id, status, progress, num_frames, seed, sampler, steps, created_at, completed_at, error"
+_COLUMNS = (
+    "id, status, progress, num_frames, seed, sampler, steps, created_at, completed_at, error, prompt, guidance_scale"
+)
 
 
 class JobQueueFull(RuntimeError):
@@ -66,6 +68,8 @@ class Job:
     created_at: float
     completed_at: float | None = None
     error: str | None = None
+    prompt: str | None = None  # text-conditioned models (encoded again when the job runs)
+    guidance_scale: float | None = None
 
     def to_json(self) -> dict:
         return {"object": "video", **asdict(self)}
@@ -95,6 +99,9 @@ class JobStore:
             )
             self._db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
             self._db.execute("ALTER TABLE jobs ADD COLUMN has_image INTEGER NOT NULL DEFAULT 0")
+        if "prompt" not in columns:  # a store made before text-conditioned models
+            self._db.execute("ALTER TABLE jobs ADD COLUMN prompt TEXT")
+            self._db.execute("ALTER TABLE jobs ADD COLUMN guidance_scale REAL")
         self._recover(max_attempts)
 
     def _recover(self, max_attempts: int) -> None:
@@ -124,12 +131,14 @@ class JobStore:
     def input_path(self, job_id: str) -> Path:
         return self.dir / "inputs" / f"{job_id}.png"
 
-    def create(self, num_frames: int, seed: int, sampler: str, steps: int, image: torch.Tensor | None) -> Job:
-        job = Job(new_job_id(), "queued", 0, num_frames, seed, sampler, steps, time.time())
+    def create(self, num_frames: int, seed: int, sampler: str, steps: int, image: torch.Tensor | None,
+               prompt: str | None = None, guidance_scale: float | None = None) -> Job:  # fmt: skip
+        job = Job(new_job_id(), "queued", 0, num_frames, seed, sampler, steps, time.time(), prompt=prompt,
+                  guidance_scale=guidance_scale)  # fmt: skip
         if image is not None:  # the decoded, model-sized image: what the job needs to run again after a restart
             Image.fromarray(image.numpy()).save(self.input_path(job.id), format="PNG")
         with self._lock:
-            self._db.execute(f"INSERT INTO jobs ({_COLUMNS}, has_image) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            self._db.execute(f"INSERT INTO jobs ({_COLUMNS}, has_image) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                              (*asdict(job).values(), image is not None))  # fmt: skip
         return job
 

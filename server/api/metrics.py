@@ -62,6 +62,12 @@ class EngineCollector:
         yield CounterMetricFamily("ca2vdm_resume_expired", "Detached sessions dropped without a resume",
                                   value=stats.resume_expired)  # fmt: skip
         yield histogram("ca2vdm_resume_seconds", "Resume message to the first clip sent", stats.resume_seconds)
+        switches = CounterMetricFamily("ca2vdm_prompt_switches", "Prompt changes mid-stream, by mode (keep: "
+                                       "the cached frames keep their K/V; recache: rewritten)",
+                                       labels=["mode"])  # fmt: skip
+        for mode, n in stats.prompt_switches.items():
+            switches.add_metric([mode], n)
+        yield switches
         if self.jobs is not None:
             jobs = GaugeMetricFamily("ca2vdm_jobs", "REST video jobs by status", labels=["status"])
             for status, n in self.jobs.count_by_status().items():

@@ -57,6 +57,8 @@ class VideoJob(BaseModel):
     created_at: float
     completed_at: float | None
     error: str | None
+    prompt: str | None = Field(None, description="text-conditioned models: the prompt")
+    guidance_scale: float | None = Field(None, description="text-conditioned models: the guidance it runs with")
 
 
 class VideoList(BaseModel):
@@ -90,6 +92,8 @@ class ModelInfo(BaseModel):
     default_sampler: str
     default_steps: int
     schedules: list[dict[str, Any]]
+    text: bool = Field(description="the model is text-conditioned: it takes a prompt")
+    guidance_scale: float | None = Field(description="text models: the classifier-free guidance a request gets")
     max_steps: int
     max_frames: int
     realtime_capacity_sessions: int

@@ -17,9 +17,9 @@ import contextlib
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from ca2vdm.server.engine.session import SessionParams
 from ca2vdm.server.media import load_image
 from ca2vdm.server.model.loader import Pipeline
+from ca2vdm.server.model.prompt import Prompt
 
 from .schemas import RequestModels, ResumeMessage, describe, request_models
 from .settings import Settings
@@ -71,8 +72,14 @@ def lower_thread_priority(nice: int = 10) -> None:
 
 
 class RequestDecoder:
-    def __init__(self, settings: Settings, pipe: Pipeline) -> None:
+    def __init__(self, settings: Settings, pipe: Pipeline,
+                 encode: Callable[[str], Awaitable[Any]] | None = None) -> None:  # fmt: skip
+        """`encode`: a prompt's caption features (`.y`, `.mask`), for text models; default: the pipeline's text
+        encoder, run on this decoder's threads (a cluster's ingress asks a replica)."""
         self.settings, self.pipe = settings, pipe
+        self._encode = encode
+        if encode is None and getattr(pipe, "text", None) is not None:
+            self._encode = lambda text: self._offload(pipe.text.encode, text)  # type: ignore[union-attr]
         self.models: RequestModels = request_models(settings)  # the same models as the published schemas
         self._pool = ThreadPoolExecutor(max_workers=settings.request_workers, thread_name_prefix="ca2vdm-request",
                                         initializer=lower_thread_priority)  # fmt: skip
@@ -108,20 +115,47 @@ class RequestDecoder:
         msg = (await self._parse(self.models.first, text)).root
         if isinstance(msg, ResumeMessage):
             return msg
+        prompt = await self.prompt(msg.prompt, msg.guidance_scale)
         image = await self._image(msg.image)
         capped = msg.num_frames is None
         num_frames = self.settings.max_frames if capped else msg.num_frames
-        params = self._params(image, msg.seed, msg.sampler, msg.steps, num_frames, msg.format, msg.pace)
+        params = self._params(image, msg.seed, msg.sampler, msg.steps, num_frames, msg.format, msg.pace, prompt)
         return params, capped
 
     async def job_params(self, body: bytes) -> SessionParams:
         """A POST /v1/videos body -> engine parameters (a background session of raw frames)."""
         msg = await self._parse(self.models.video, body)
+        prompt = await self.prompt(msg.prompt, msg.guidance_scale)
         image = await self._image(msg.image)
-        return self._params(image, msg.seed, msg.sampler, msg.steps, msg.num_frames, "raw", "max")
+        return self._params(image, msg.seed, msg.sampler, msg.steps, msg.num_frames, "raw", "max", prompt)
+
+    async def prompt(self, text: str | None, guidance_scale: float | None = None) -> Prompt | None:
+        """A prompt and guidance scale -> the engine's `Prompt` (None: no prompt). A model that takes no text
+        refuses both; guidance needs a prompt; the scale defaults to the model's."""
+        config = self.pipe.config
+        if not config.takes_text:
+            if text is not None or guidance_scale is not None:
+                raise Reject("invalid_request", f"model {self.pipe.name} is not text-conditioned: it takes no "
+                             "prompt or guidance_scale")  # fmt: skip
+            return None
+        if text is None:
+            if guidance_scale is not None and guidance_scale > 1:
+                raise Reject("invalid_request", "guidance_scale needs a prompt")
+            return None
+        if not text.strip():
+            raise Reject("invalid_request", "prompt is empty")
+        if self._encode is None:
+            raise Reject("internal", "this server has no text encoder loaded (--text-encoder)")
+        try:
+            features = await self._encode(text)
+        except ValueError as exc:
+            raise Reject("invalid_request", str(exc)) from exc
+        scale = config.guidance_scale if guidance_scale is None else guidance_scale
+        return Prompt(text, features.y, features.mask, scale)
 
     def _params(self, image: torch.Tensor | None, seed: int | None, sampler: str | None, steps: int | None,
-                num_frames: int | None, fmt: str, pace: str) -> SessionParams:  # fmt: skip
+                num_frames: int | None, fmt: str, pace: str,
+                prompt: Prompt | None = None) -> SessionParams:  # fmt: skip
         s = self.settings
         sampler = sampler or self.pipe.config.default_sampler
         if steps is None:  # the model's default, within what this server allows
@@ -133,7 +167,7 @@ class RequestDecoder:
         seed = seed if seed is not None else secrets.randbelow(2**31)
         try:
             return SessionParams(image=image, seed=seed, sampler=sampler, steps=steps, num_frames=num_frames,
-                                 format=fmt, pace=pace)  # fmt: skip
+                                 format=fmt, pace=pace, prompt=prompt)  # fmt: skip
         except ValueError as exc:
             raise Reject("invalid_request", str(exc)) from exc
 

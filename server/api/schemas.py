@@ -16,7 +16,10 @@ from ca2vdm.client.protocol import (
     ClipMessage,
     DoneMessage,
     ErrorMessage,
+    GuidanceScale,
     Int,
+    PromptMessage,
+    PromptText,
     ReadyMessage,
     ResumeMessage,
     SamplerName,
@@ -28,11 +31,11 @@ from ca2vdm.client.protocol import (
 
 from .settings import Settings
 
-__all__ = ["AckMessage", "ClipMessage", "ControlMessage", "DoneMessage", "ErrorMessage", "ReadyMessage",
-           "RequestModels", "ResumeMessage", "StartMessage", "StopMessage", "VideoRequest", "describe", "dump",
-           "request_models"]  # fmt: skip
+__all__ = ["AckMessage", "ClipMessage", "ControlMessage", "DoneMessage", "ErrorMessage", "PromptMessage",
+           "ReadyMessage", "RequestModels", "ResumeMessage", "StartMessage", "StopMessage", "VideoRequest", "describe",
+           "dump", "request_models"]  # fmt: skip
 
-ControlMessage = TypeAdapter(Annotated[StopMessage | AckMessage, Field(discriminator="type")])
+ControlMessage = TypeAdapter(Annotated[StopMessage | AckMessage | PromptMessage, Field(discriminator="type")])
 
 
 class VideoRequest(BaseModel):
@@ -45,6 +48,8 @@ class VideoRequest(BaseModel):
     seed: Int(0, MAX_SEED) | None = None
     sampler: SamplerName | None = None
     steps: Int(1) | None = None
+    prompt: PromptText = None
+    guidance_scale: GuidanceScale = None
 
 
 def base64_chars(max_bytes: int) -> int:

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     vae: str | None = None
     device: str = "auto"
     precision: str = "auto"  # auto | bf16 | fp8 (the block linears in float8; see docs/engine.md)
+    text_encoder: str | None = None  # text-conditioned models: a local T5 directory (transformers' layout)
+    text_encoder_device: str = "auto"  # auto (the model's device) | cpu | cuda
     # network and storage
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -63,8 +65,9 @@ class Settings(BaseSettings):
     max_image_aspect: float = Field(16.0, ge=1)  # long side / short side, from the header
     max_message_bytes: int = Field(12 * 2**20, ge=1024)  # websocket messages (a start with a base64 image)
     max_body_bytes: int = Field(12 * 2**20, ge=1024)  # HTTP request bodies, enforced while reading
-    max_control_bytes: int = Field(4096, ge=256)  # websocket messages after start (stop, ack)
+    max_control_bytes: int = Field(16384, ge=256)  # websocket messages after start (stop, ack, prompt)
     max_control_rate: float = Field(50.0, gt=0)  # websocket messages per second after start (burst: twice that)
+    min_prompt_interval_s: float = Field(1.0, ge=0)  # a stream changes its prompt at most once per this (text models)
     request_workers: int = Field(2, ge=1)  # threads that parse large requests and decode images
     max_pending_requests: int = Field(8, ge=1)  # large requests in or waiting for those threads; more: busy
     max_sessions_per_client: int = Field(8, ge=0)  # streams one client address may hold (0: no limit)

@@ -37,6 +37,7 @@ from .schemas import (
     ControlMessage,
     DoneMessage,
     ErrorMessage,
+    PromptMessage,
     ReadyMessage,
     ResumeMessage,
     StopMessage,
@@ -96,6 +97,7 @@ class _Stream:
         self.left = False  # the connection dropped: the session is detached, not cancelled
         self.closed = False  # the client closed the connection on purpose: the session is cancelled
         self.resumed = resumed  # (when the resume message came, the histogram of resume latencies)
+        self.last_prompt = -float("inf")  # when the client last changed the prompt
 
     def end_session(self) -> None:
         """Detach the session if the client left, else cancel it (a no-op once it has ended)."""
@@ -117,6 +119,21 @@ class _Stream:
                 self.resumed[1].observe(time.monotonic() - self.resumed[0])
                 self.resumed = None
         return self.frames_sent
+
+    async def change_prompt(self, message: PromptMessage) -> None:
+        """A new prompt from the next clip on (encoded off the event loop; at most one per `min_prompt_interval_s`:
+        each costs the text encoder, and with `recache` a cache write)."""
+        now = time.monotonic()
+        if now - self.last_prompt < self.settings.min_prompt_interval_s:
+            raise Reject("invalid_request", f"at most one prompt change per {self.settings.min_prompt_interval_s:g} s")
+        self.last_prompt = now
+        decoder: RequestDecoder = self.ws.app.state.decoder
+        prompt = await decoder.prompt(message.text)
+        assert prompt is not None
+        try:
+            self.handle.set_prompt(prompt, recache=message.recache)
+        except ValueError as exc:
+            raise Reject("invalid_request", str(exc)) from exc
 
     async def watch_client(self) -> None:
         """`stop` and `ack` messages until the client stops or leaves; a protocol violation ends the session."""
@@ -146,6 +163,9 @@ class _Stream:
                     raise Reject("invalid_request", f"bad message: {describe(exc)}") from exc
                 if isinstance(control, StopMessage):
                     return
+                if isinstance(control, PromptMessage):
+                    await self.change_prompt(control)
+                    continue
                 assert isinstance(control, AckMessage)
                 if control.frames > self.frames_sent:
                     raise Reject("invalid_request", f"ack of frame {control.frames}, only {self.frames_sent} were sent")

@@ -54,7 +54,16 @@ async def create_video(request: Request, store: Store, runner: Runner) -> JSONRe
         headers = {"Retry-After": str(RETRY_AFTER_S)} if busy else None
         raise HTTPException(503 if busy else exc.status, str(exc), headers=headers) from exc
     assert params.num_frames is not None
-    job = store.create(params.num_frames, params.seed, params.sampler, params.steps, params.image)
+    prompt = params.prompt
+    job = store.create(
+        params.num_frames,
+        params.seed,
+        params.sampler,
+        params.steps,
+        params.image,
+        prompt=prompt.text if prompt else None,
+        guidance_scale=prompt.guidance_scale if prompt else None,
+    )
     runner.submit(job, params.image)
     return JSONResponse(job.to_json(), status_code=202)
 

@@ -216,7 +216,9 @@ async def _collect_frames(engine: Engine, params: list[SessionParams]) -> list[t
 
 
 def run_benchmarks(args) -> dict:
-    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device, precision=args.precision)
+    pipe = load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device, precision=args.precision,
+                         text_encoder=getattr(args, "text_encoder", None),
+                         text_device=getattr(args, "text_encoder_device", "auto"))  # fmt: skip
     result: dict = {
         "card": torch.cuda.get_device_name() if pipe.device.type == "cuda" else "cpu",
         "torch": torch.__version__,

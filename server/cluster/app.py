@@ -94,7 +94,7 @@ def cluster_services(settings: Settings, engine_handle: Any, jobs: dict[str, Any
             engine_handle, max_waiting=settings.max_waiting, admission_wait_s=settings.admission_wait_s
         ).connect()
         app.state.engine = engine
-        app.state.decoder = RequestDecoder(settings, engine.pipe)  # type: ignore[arg-type]
+        app.state.decoder = RequestDecoder(settings, engine.pipe, encode=engine.encode_prompt)  # type: ignore[arg-type]
         if jobs is not None:
             from .jobs import ingress_jobs  # psycopg and boto3 only where jobs are shared
 
@@ -102,7 +102,7 @@ def cluster_services(settings: Settings, engine_handle: Any, jobs: dict[str, Any
         else:  # one ingress: its own SQLite store, the jobs run on the replicas through it
             app.state.jobs = JobStore(settings.data_dir, settings.max_job_attempts)
             app.state.job_runner = JobRunner(app.state.jobs, engine, settings.max_queued_jobs,  # type: ignore[arg-type]
-                                             settings.max_running_jobs)  # fmt: skip
+                                             settings.max_running_jobs, prompt=app.state.decoder.prompt)  # fmt: skip
         app.state.metrics = lambda: cluster_metrics(engine, app.state.jobs)
         app.state.job_runner.resume()
         try:

@@ -27,7 +27,7 @@ import torch
 from ca2vdm.server.api.jobs import Job
 from ca2vdm.server.api.requests import lower_thread_priority
 from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed
-from ca2vdm.server.engine.session import SessionParams
+from ca2vdm.server.engine.session import Prompt, SessionParams
 from ca2vdm.server.media import Mp4Writer
 
 from .pg_jobs import PgJobStore
@@ -117,6 +117,17 @@ class JobWorker:
         async for _ in self.store.notifications(retry_s=self.poll_s):
             self._wake.set()
 
+    async def _prompt(self, job: Job) -> Prompt | None:
+        """The job's prompt, encoded by this replica's text encoder (ValueError: it cannot be)."""
+        if job.prompt is None:
+            return None
+        pipe = self.engine.pipe
+        if pipe.text is None:
+            raise ValueError(f"model {pipe.name} takes no text prompt")
+        features = await asyncio.to_thread(pipe.text.encode, job.prompt)
+        scale = pipe.config.guidance_scale if job.guidance_scale is None else job.guidance_scale
+        return Prompt(job.prompt, features.y, features.mask, scale)
+
     async def _run(self, job: Job) -> None:
         loop = asyncio.get_running_loop()
         handle = None
@@ -124,7 +135,8 @@ class JobWorker:
         try:
             image = await asyncio.to_thread(self.store.image, job.id)
             params = SessionParams(image=image, seed=job.seed, sampler=job.sampler, steps=job.steps,
-                                   num_frames=job.num_frames, format="raw", pace="max")  # fmt: skip
+                                   num_frames=job.num_frames, format="raw", pace="max",
+                                   prompt=await self._prompt(job))  # fmt: skip
             handle = await self.engine.start_session(params)
             writer = Mp4Writer(self._dir / f"{job.id}.mp4", self.engine.pipe.config.fps, threads=1)
             async for clip in handle:

@@ -139,22 +139,27 @@ class PgJobStore:
                 " error TEXT, attempts INTEGER NOT NULL DEFAULT 0, has_image BOOLEAN NOT NULL DEFAULT FALSE,"
                 " worker TEXT, heartbeat_at TIMESTAMPTZ)"
             )
+            cur.execute("ALTER TABLE jobs ADD COLUMN IF NOT EXISTS prompt TEXT")  # text-conditioned models
+            cur.execute("ALTER TABLE jobs ADD COLUMN IF NOT EXISTS guidance_scale DOUBLE PRECISION")
             cur.execute("CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at, id)")
             cur.execute("CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status)")
 
     # what the REST routes use (JobStore's methods)
 
-    def create(self, num_frames: int, seed: int, sampler: str, steps: int, image: torch.Tensor | None) -> Job:
+    def create(self, num_frames: int, seed: int, sampler: str, steps: int, image: torch.Tensor | None,
+               prompt: str | None = None, guidance_scale: float | None = None) -> Job:  # fmt: skip
         """Queue a job (its condition image goes to the object store first) and wake the workers."""
-        job = Job(new_job_id(), "queued", 0, num_frames, seed, sampler, steps, time.time())
+        job = Job(new_job_id(), "queued", 0, num_frames, seed, sampler, steps, time.time(), prompt=prompt,
+                  guidance_scale=guidance_scale)  # fmt: skip
         if image is not None:
             png = io.BytesIO()
             Image.fromarray(image.numpy()).save(png, format="PNG")
             self.objects.put_bytes(input_key(job.id), png.getvalue())
         with self._pool.transaction() as cur:
-            cur.execute(f"INSERT INTO jobs ({_COLUMNS}, has_image) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+            cur.execute(f"INSERT INTO jobs ({_COLUMNS}, has_image) VALUES ({', '.join(['%s'] * 13)})",
                         (job.id, job.status, job.progress, job.num_frames, job.seed, job.sampler, job.steps,
-                         job.created_at, job.completed_at, job.error, image is not None))  # fmt: skip
+                         job.created_at, job.completed_at, job.error, job.prompt, job.guidance_scale,
+                         image is not None))  # fmt: skip
             cur.execute(f"NOTIFY {CHANNEL}")  # delivered at commit
         return job
 

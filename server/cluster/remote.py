@@ -32,7 +32,7 @@ from ray.serve.exceptions import RequestCancelledError
 from torch import Tensor
 
 from ca2vdm.server.engine.handle import ServerBusy, SessionFailed, StreamInfo
-from ca2vdm.server.engine.session import SessionParams
+from ca2vdm.server.engine.session import Prompt, SessionParams
 from ca2vdm.server.engine.stats import EngineStats
 from ca2vdm.server.model.loader import PipelineConfig
 
@@ -126,6 +126,9 @@ class RemoteHandle:
     def detach(self) -> None:
         self._send("detach", frees=True)
 
+    def set_prompt(self, prompt: Prompt, recache: bool = False) -> None:
+        self._send("set_prompt", prompt, recache)
+
     def end(self) -> None:
         """Stop reading clips (the consumer left; the replica keeps the session for a resume)."""
         self._ended = True
@@ -213,6 +216,16 @@ class RemoteEngine:
         except (StopAsyncIteration, *REPLICA_GONE) as exc:
             raise SessionFailed("internal", f"the engine replica did not answer ({type(exc).__name__})") from exc
         return stream, first
+
+    async def encode_prompt(self, text: str) -> Any:
+        """A prompt's caption features, from a replica's text encoder (ValueError: refused)."""
+        try:
+            return await remote(self._handle.encode_prompt, text, route=Route())
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, ValueError):
+                raise ValueError(str(cause).splitlines()[-1]) from exc
+            raise
 
     def room_freed(self) -> None:
         self._freed.set()

@@ -29,7 +29,7 @@ from ray import serve
 from ca2vdm.server.api.metrics import metrics_text
 from ca2vdm.server.api.settings import Settings
 from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed, SessionHandle
-from ca2vdm.server.engine.session import SessionParams
+from ca2vdm.server.engine.session import Prompt, SessionParams
 from ca2vdm.server.model.diffusion import SAMPLERS
 from ca2vdm.server.model.loader import load_pipeline
 
@@ -51,7 +51,8 @@ class EngineReplica:
         context = serve.get_replica_context()
         self.id, self.deployment, self.app = context.replica_id.unique_id, context.deployment, context.app_name
         s = self.settings
-        pipe = load_pipeline(s.model, preset=s.preset, vae=s.vae, device=s.device, precision=s.precision)
+        pipe = load_pipeline(s.model, preset=s.preset, vae=s.vae, device=s.device, precision=s.precision,
+                             text_encoder=s.text_encoder, text_device=s.text_encoder_device)  # fmt: skip
         config = replace(s.engine_config(), id_prefix=self.id, resume_dir=session_dir, shared_resume_dir=True)
         if session_dir:
             _prune(Path(session_dir), s.resume_keep_s)
@@ -142,6 +143,17 @@ class EngineReplica:
     async def cancel(self, session_id: str, route: Route | None = None) -> None:
         if (handle := self.handles.get(session_id)) is not None:
             handle.cancel()
+
+    async def set_prompt(self, session_id: str, prompt: Prompt, recache: bool, route: Route | None = None) -> None:
+        if (handle := self.handles.get(session_id)) is not None:
+            handle.set_prompt(prompt, recache)
+
+    async def encode_prompt(self, text: str, route: Route | None = None) -> Any:
+        """A prompt's caption features (CPU tensors), for the ingress (ValueError: refused, or no text encoder)."""
+        encoder = self.engine.pipe.text
+        if encoder is None:
+            raise ValueError(f"model {self.engine.pipe.name} has no text encoder")
+        return await asyncio.to_thread(encoder.encode, text)
 
     async def detach(self, session_id: str, route: Route | None = None) -> None:
         if (handle := self.handles.get(session_id)) is not None:

@@ -29,7 +29,7 @@ import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
@@ -260,12 +260,13 @@ class Engine:
     def set_prompt(self, session: Session, prompt: Prompt, recache: bool = False,
                    handle: SessionHandle | None = None) -> None:  # fmt: skip
         """Condition the session on `prompt` from its next chunk on; `recache`: rewrite its cached frames' K/V under
-        it too (see `ModelRunner.set_prompt`). Raises ValueError for a model without text or a change of guidance.
-        With `handle`: only if that is still the session's consumer."""
+        it too (see `ModelRunner.set_prompt`). The session keeps its guidance scale (it decides the session's rows):
+        `prompt`'s own is replaced. Raises ValueError for a model without text. With `handle`: only if that is still
+        the session's consumer."""
         if not self.pipe.config.takes_text:
             raise ValueError(f"model {self.pipe.name} takes no text prompt")
-        if prompt.guided != (session.params.rows == 2):
-            raise ValueError("a prompt switch keeps the session's guidance scale")
+        first = session.params.prompt
+        prompt = replace(prompt, guidance_scale=first.guidance_scale if first is not None else 1.0)
         with self._cond:
             live = self._live.get(session.id)
             if session.state.is_finished or (handle is not None and (live is None or live.handle is not handle)):

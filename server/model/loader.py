@@ -1,11 +1,13 @@
 """Resolve a model spec to a ready pipeline (network + latent codec + run settings).
 
 Specs (DESIGN.md): a directory (`config.json` + `model.safetensors` [+ `vae/`]), an official `.pt`/`.pth`
-checkpoint with a preset, or `random:PRESET`. Nothing is ever downloaded.
+checkpoint with a preset, or `random:PRESET`. Text-conditioned models also get their prompt encoder: a local T5
+directory (`text_encoder`), or a random one for `random:` specs. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from .codecs import LatentCodec, make_codec
 from .config import PipelineConfig, get_preset
 from .diffusion import DEFAULT_STEPS, Sampler, make_sampler
 from .stdit import CausalSTDiT
+from .text import TextEncoder, random_text_encoder, tiny_text_encoder
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "default"
 
@@ -29,6 +32,7 @@ class Pipeline:
     model: CausalSTDiT
     codec: LatentCodec
     device: torch.device
+    text: TextEncoder | None = None  # the prompt encoder of a text-conditioned model (config.takes_text)
 
     def sampler(self, name: str, steps: int) -> Sampler:
         """A sampler for this model: pixel-space models sample with the x0 estimate clamped to the data range."""
@@ -82,11 +86,18 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     precision: str = "auto",
+    text_encoder: str | None = None,
+    text_device: str = "auto",
 ) -> Pipeline:
     """Build the pipeline for `spec` on `device` (bf16 on CUDA, fp32 on CPU unless `dtype` is given).
 
     `precision` "fp8": the block linears run in float8 e4m3 (kernels/fp8.py), on GPUs with float8 tensor cores
     (compute capability 8.9+) and bf16 models, or on the CPU (slow; for tests). "auto"/"bf16": the model dtype.
+
+    Text-conditioned models (`config.takes_text`) need `text_encoder`, a local T5 directory (transformers' T5
+    encoder and tokenizer; its hidden size must be the model's caption_channels), except `random:` specs, which
+    get a random encoder (`random:tiny-text` the tiny one, others one of T5 v1.1 XXL's shape). It runs on
+    `text_device` ("auto": the pipeline's device), bf16 on CUDA and fp32 on the CPU.
     """
     if precision not in ("auto", "bf16", "fp8"):
         raise ValueError(f"unknown precision {precision!r}: auto, bf16 or fp8")
@@ -104,6 +115,7 @@ def load_pipeline(
 
     if spec.startswith("random:"):
         config = get_preset(spec.split(":", 1)[1])
+        _check_text_args(name, config, text_encoder, random=True)
         # std 0.3/sqrt(fan_in): a deep random network at 1/sqrt(fan_in) is chaotic (its latents explode and
         # attention saturates, amplifying float rounding 100x per chunk); 0.3 keeps runs numerically tame
         model = CausalSTDiT(config.model).randomize_(seed, std_scale=0.3)
@@ -112,11 +124,13 @@ def load_pipeline(
         path = Path(spec)
         if path.is_dir():
             config, state_dict = read_model_dir(path)
+            _check_text_args(name, config, text_encoder, random=False)
             vae_dir = path / "vae"
         elif path.suffix in (".pt", ".pth"):
             if preset is None:
                 raise ValueError(f"{path.name} is a reference checkpoint: also pass --preset (XL/2, B/2, tiny)")
             config = get_preset(preset)
+            _check_text_args(name, config, text_encoder, random=False)
             state_dict = read_official_checkpoint(path)
             vae_dir = path.parent / "vae"
         elif not path.exists():
@@ -141,4 +155,44 @@ def load_pipeline(
         _check_fp8(dev, dtype)
         quantize_model_(model)
     codec = codec.to(dev, dtype)
-    return Pipeline(name=name, config=config, model=model, codec=codec, device=dev)
+    text = None
+    if config.takes_text:
+        text_dev = dev if text_device == "auto" else resolve_device(text_device)
+        text = _load_text_encoder(name, spec, config, text_encoder, text_dev, seed)
+    return Pipeline(name=name, config=config, model=model, codec=codec, device=dev, text=text)
+
+
+def _check_text_args(name: str, config: PipelineConfig, text_encoder: str | None, random: bool) -> None:
+    """Refuse, before any weights load, a text encoder for a model that takes no text, a text model without one
+    (random specs bring their own), and a T5 directory whose config.json gives another hidden size."""
+    if text_encoder and not config.takes_text:
+        raise ValueError(f"model {name} takes no text prompt: --text-encoder is only for text-conditioned models")
+    if config.takes_text and not text_encoder and not random:
+        raise ValueError(f"model {name} is text-conditioned: pass --text-encoder DIR (a local T5 v1.1 XXL: "
+                         "transformers' T5 encoder and its tokenizer)")  # fmt: skip
+    if text_encoder:
+        try:
+            hidden = json.loads((Path(text_encoder) / "config.json").read_text()).get("d_model")
+        except (OSError, ValueError, AttributeError):
+            return  # TextEncoder.from_dir says what is wrong with the directory
+        _check_caption_channels(name, config, text_encoder, hidden)
+
+
+def _check_caption_channels(name: str, config: PipelineConfig, text_encoder: str, hidden: object) -> None:
+    channels = config.model.caption_channels
+    if hidden is not None and hidden != channels:
+        raise ValueError(f"text encoder {text_encoder} has hidden size {hidden}, but model {name} takes "
+                         f"{channels}-channel captions (T5 v1.1 XXL: 4096)")  # fmt: skip
+
+
+def _load_text_encoder(
+    name: str, spec: str, config: PipelineConfig, text_encoder: str | None, device: torch.device, seed: int
+) -> TextEncoder:
+    channels, max_length = config.model.caption_channels, config.model.model_max_length
+    if text_encoder:
+        text = TextEncoder.from_dir(text_encoder, max_length=max_length, device=device)
+        _check_caption_channels(name, config, text_encoder, text.caption_channels)
+        return text
+    if spec == "random:tiny-text":
+        return tiny_text_encoder(channels, max_length, seed=seed, device=device)
+    return random_text_encoder(channels, max_length, device=device, seed=seed)

@@ -302,3 +302,41 @@ def test_player_resumes_the_real_server_through_cut_connections(browser, tiny_pi
             asyncio.run_coroutine_threadsafe(proxy.__aexit__(), loop).result(10)
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
+
+
+def test_player_streams_a_text_model_with_a_prompt_and_changes_it(browser):
+    """A text-conditioned model: the player shows its prompt box, starts with the prompt, plays, and the live
+    field changes the prompt (the server counts the switch, with the mode asked for)."""
+    from ca2vdm.server.model.loader import load_pipeline
+
+    pipe = load_pipeline("random:tiny-text", device="cpu")
+    with running_server(pipe, min_prompt_interval_s=0.0, max_sessions=4, max_batch=4) as address:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=f"http://{address}/?autostart=1&steps=2&sample=shapes"
+                                          "&prompt=a%20red%20circle&guidance=2")  # fmt: skip
+        deadline = time.monotonic() + 90
+        state = {}
+        while time.monotonic() < deadline:
+            probe = browser.evaluate("window.ca2vdm && window.ca2vdm.video ? JSON.stringify({clips: ca2vdm.clips, "
+                                     "error: ca2vdm.error, box: !document.getElementById('text').hidden, "
+                                     "t: ca2vdm.video().currentTime}) : null")  # fmt: skip
+            if probe:
+                state = json.loads(probe)
+                assert state["error"] is None, state
+                if state["clips"] >= 2 and state["t"] > 0:
+                    break
+            time.sleep(0.2)
+        assert state.get("box") and state["clips"] >= 2 and state["t"] > 0, state
+        browser.evaluate("document.getElementById('newprompt').value = 'two blue squares'; "
+                         "document.getElementById('recache').checked = true; "
+                         "document.getElementById('changeprompt').click()")  # fmt: skip
+        deadline = time.monotonic() + 30
+        switched = 0.0
+        while time.monotonic() < deadline and switched < 1:
+            text = httpx.get(f"http://{address}/metrics").text
+            switched = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                           if line.startswith('ca2vdm_prompt_switches_total{mode="recache"}'))  # fmt: skip
+            time.sleep(0.2)
+        assert switched == 1
+        assert browser.evaluate("ca2vdm.promptChanges") == 1 and browser.evaluate("ca2vdm.error") is None
+        browser.evaluate("document.getElementById('stop').click()")

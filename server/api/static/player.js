@@ -1,6 +1,6 @@
 // ca2vdm web player: WS /v1/stream (fmp4) -> Media Source Extensions, clip by clip; dropped connections resume.
 // `window.ca2vdm` exposes the player's state (tests read it); `?autostart=1&frames=N&steps=K&sample=NAME`
-// starts a stream on load.
+// (and `&prompt=TEXT&guidance=S` for text models) starts a stream on load.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -59,6 +59,12 @@ async function start() {
   const startMsg = { type: "start", image: await imageBase64(), seed: parseInt($("seed").value, 10) || 0,
     sampler: $("sampler").value || null, steps: parseInt($("steps").value, 10) || null,
     num_frames: Number.isFinite(frames) ? frames : null, format: "fmp4" };
+  if (state.model && state.model.text) {  // text-conditioned models: the prompt and its guidance
+    const prompt = $("prompt").value.trim(), guidance = parseFloat($("guidance").value);
+    if (prompt) startMsg.prompt = prompt;
+    if (prompt && Number.isFinite(guidance)) startMsg.guidance_scale = guidance;
+  }
+  state.promptChanges = 0;
   const mediaSource = new MediaSource();
   video.src = URL.createObjectURL(mediaSource);
   await new Promise((r) => mediaSource.addEventListener("sourceopen", r, { once: true }));
@@ -180,6 +186,18 @@ for (const img of document.querySelectorAll(".samples img")) {
   });
 }
 $("start").addEventListener("click", () => start().catch((e) => setStatus(String(e), true)));
+
+// A new prompt for the running stream: its next clips show it (the server allows one change a second or so).
+function changePrompt() {
+  const text = $("newprompt").value.trim();
+  if (!text || !ws || ws.readyState !== WebSocket.OPEN) return;
+  ws.send(JSON.stringify({ type: "prompt", text, recache: $("recache").checked }));
+  state.promptChanges = (state.promptChanges || 0) + 1;
+  setStatus(`prompt changed to “${text}” from the next clips`);
+}
+$("changeprompt").addEventListener("click", changePrompt);
+$("newprompt").addEventListener("keydown", (e) => { if (e.key === "Enter") changePrompt(); });
+setInterval(() => { $("changeprompt").disabled = !(state.running && state.model && state.model.text); }, 250);
 $("stop").addEventListener("click", stop);
 
 // The model's samplers and defaults come from the server (/v1/models), the one list the API validates against.
@@ -199,11 +217,16 @@ async function loadModel() {
     button.addEventListener("click", () => { $("sampler").value = sampler; $("steps").value = String(steps); });
     $("schedules").append(button);
   }
+  if (model.text) {  // a text-conditioned model: the prompt box
+    $("text").hidden = false;
+    $("guidance").placeholder = `model default (${model.guidance_scale})`;
+  }
   state.model = model;
 }
 
 const params = new URLSearchParams(location.search);
-for (const [name, id] of [["frames", "frames"], ["steps", "steps"], ["seed", "seed"]]) {
+for (const [name, id] of [["frames", "frames"], ["steps", "steps"], ["seed", "seed"], ["prompt", "prompt"],
+                          ["guidance", "guidance"]]) {
   if (params.has(name)) $(id).value = params.get(name);
 }
 if (params.has("sample")) document.querySelector(`.samples img[data-name="${params.get("sample")}"]`)?.click();
