@@ -103,6 +103,33 @@ def table() -> str:
             "realtime_h200.json",
         )
     )
+    steps = _load("realtime_steps_h200.json")
+    s25, s4 = steps["steps_25"], steps["steps_4"]
+    rows.append(
+        (
+            "live XL/2 viewers held at 8 fps, bf16, DDIM 25 / 4 steps (joining first clip p50; share of floor)",
+            f"{s25['sessions_held']} / {s4['sessions_held']} ({steps['ratio_sessions_4_over_25']:.2f}×; "
+            f"{s25['joining_first_clip_p50_s']:.2f} / {s4['joining_first_clip_p50_s']:.2f} s; "
+            f"{100 * s25['fraction_of_compute_floor']:.0f}% / {100 * s4['fraction_of_compute_floor']:.0f}%)",
+            steps["card"],
+            "realtime_steps_h200.json",
+        )
+    )
+    text = _load("text_cost_h200.json")
+    step8, enc = text["denoise_step"]["8"], text["text_encoder"]
+    switch = text["switch_latency"]
+    rows.append(
+        (
+            "XL/2-text + a T5-XXL-sized encoder: prompt encode (new / cached); 8 sessions' denoising step unguided / "
+            "guided; prompt switch to the first new clip, keep / recache (its write)",
+            f"{enc['encode_miss_ms_p50']:.0f} ms / {1e3 * enc['encode_hit_ms']:.0f} µs; "
+            f"{step8['prompt_ms']:.1f} / {step8['guided_7_ms']:.1f} ms ({step8['guided_over_prompt']:.2f}×); "
+            f"{switch['keep']['to_first_new_clip_s_p50']:.2f} / {switch['recache']['to_first_new_clip_s_p50']:.2f} s "
+            f"({text['switch_runner']['guided_7']['recache_ms']:.0f} ms)",
+            text["card"],
+            "text_cost_h200.json",
+        )
+    )
     cpu = _load("realtime_cpu.json")["summary"]
     rows.append(
         (

@@ -6,9 +6,10 @@ A session's clips come back on one streaming call (`EngineReplica.open_stream`);
 are small calls routed to the replica named in the session id (`router.Route`). A new session is offered to the
 replica with the most real-time capacity to spare; one that is full answers `full` at once and the next is tried.
 When every replica is full the session waits here, not in one replica's queue (where it would miss room freed on
-another): first come first served, at most `max_waiting` per replica, for `admission_wait_s`, offered again every
-`RETRY_S` and whenever a session of this ingress ends; then `server_busy`. A viewer who joins the moment another
-leaves thus gets the leaver's room even before the leaving replica has noticed.
+another): first come first served, at most `max_waiting` per replica beyond the replicas' free slots, for
+`admission_wait_s`, offered again every `RETRY_S` and whenever a session of this ingress ends; then `server_busy`.
+A viewer who joins the moment another leaves thus gets the leaver's room even before the leaving replica has
+noticed.
 
 When the replica serving a stream leaves (a drain on scale-down) or dies, the stream ends with `SessionMoved`: the
 websocket closes with 1012 and the client resumes with its token, which reaches a replica that takes over the
@@ -227,6 +228,14 @@ class RemoteEngine:
                 raise ValueError(str(cause).splitlines()[-1]) from exc
             raise
 
+    def wait_limit(self) -> int:
+        """How many sessions may wait here: `max_waiting` per replica beyond the replicas' free slots (as one
+        engine's queue takes `max_waiting` beyond its own: a session with a slot but no real-time capacity yet
+        waits), from the routing stats."""
+        replicas = members(self.deployment)
+        free = sum(int(stats.get("free_slots", 0)) for stats in replicas.values())
+        return self.max_waiting * max(1, len(replicas)) + free
+
     def room_freed(self) -> None:
         self._freed.set()
 
@@ -239,7 +248,7 @@ class RemoteEngine:
                    "only_if_room": True}  # fmt: skip
         if not self._queue.locked() and (handle := await self._offer(request, auto_ack)) is not None:
             return handle  # nobody waits ahead of it and a replica had room
-        if self.num_waiting >= self.max_waiting * max(1, len(members(self.deployment))):
+        if self.num_waiting >= self.wait_limit():
             raise ServerBusy("server busy: every engine replica is full and too many sessions are waiting")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.admission_wait_s

@@ -190,8 +190,10 @@ class EngineReplica:
 
     async def record_routing_stats(self) -> dict:
         await self._start_background()
-        return {"spare": 0 if self.draining else self.spare_sessions(), "capacity": self.engine.realtime_capacity(),
-                "free_pages": self.engine.runner.num_free_pages, "draining": self.draining}  # fmt: skip
+        leaving = self.draining
+        return {"spare": 0 if leaving else self.spare_sessions(), "capacity": self.engine.realtime_capacity(),
+                "free_pages": self.engine.runner.num_free_pages, "free_slots": 0 if leaving else self._free_slots(),
+                "draining": leaving}  # fmt: skip
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         return {

@@ -158,3 +158,12 @@ def test_when_every_replica_is_full_a_session_waits_at_the_ingress_for_room_on_a
         assert 1.9 < asyncio.get_running_loop().time() - started < 2.5 and engine.num_waiting == 0
 
     asyncio.run(main())
+
+
+def test_the_ingress_lets_as_many_wait_as_the_replicas_queues_would():
+    """max_waiting per replica beyond their free slots (a session with a slot but no real-time capacity yet waits,
+    as in one engine's queue)."""
+    membership.publish(ENGINE_DEPLOYMENT, {"a": {"spare": 0, "free_slots": 3}, "b": {"spare": 0, "free_slots": 1}})
+    assert RemoteEngine(None, max_waiting=2).wait_limit() == 2 * 2 + 4
+    membership.publish(ENGINE_DEPLOYMENT, {"a": {"spare": 0, "free_slots": 0}})
+    assert RemoteEngine(None, max_waiting=0).wait_limit() == 0
