@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from ca2vdm.client.protocol import AckMessage, StopMessage, message_schemas
+from ca2vdm.client.protocol import AckMessage, PromptMessage, StopMessage, message_schemas
 from ca2vdm.server.engine.engine import Engine
 from ca2vdm.server.model.diffusion import SAMPLERS
 from ca2vdm.server.model.loader import Pipeline, load_pipeline
@@ -31,7 +31,7 @@ from .limits import BodyLimit
 from .metrics import metrics_text
 from .openapi import ERROR_CODES, Health, ModelInfo, Readiness, document
 from .requests import RequestDecoder
-from .schemas import request_models
+from .schemas import RequestModels, request_models
 from .settings import Settings
 
 log = logging.getLogger("ca2vdm.api")
@@ -197,13 +197,17 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None, services: S
             text = await text
         return PlainTextResponse(text, media_type=PROMETHEUS_TEXT)
 
-    bounded = request_models(settings)
-    schemas = message_schemas(client=(bounded.start, bounded.resume, StopMessage, AckMessage))
+    def served_models() -> RequestModels:
+        """The request models of the model served (its decoder's, once the model is loaded; until then the
+        settings' limits alone)."""
+        decoder = getattr(app.state, "decoder", None)
+        return decoder.models if decoder is not None else request_models(settings)
 
     @app.get("/v1/stream/messages", dependencies=[Depends(require_key)])
     def stream_messages() -> dict:
         """JSON Schemas of every message of the /v1/stream websocket, both directions, with this server's limits."""
-        return schemas
+        bounded = served_models()
+        return message_schemas(client=(bounded.start, bounded.resume, StopMessage, AckMessage, PromptMessage))
 
     protected = {"/v1/videos", "/v1/videos/{job_id}", "/v1/videos/{job_id}/content", "/v1/models", "/metrics",
                  "/v1/stream/messages"}  # fmt: skip
@@ -211,7 +215,11 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None, services: S
 
     def openapi() -> dict:
         if not openapi_doc:
-            openapi_doc.update(document(app, bounded, protected, keyed=settings.api_key is not None))
+            models = served_models()
+            doc = document(app, models, protected, keyed=settings.api_key is not None)
+            if getattr(app.state, "decoder", None) is None:
+                return doc  # before the model is loaded: not kept
+            openapi_doc.update(doc)
         return openapi_doc
 
     app.openapi = openapi  # type: ignore[method-assign]

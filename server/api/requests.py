@@ -80,7 +80,8 @@ class RequestDecoder:
         self._encode = encode
         if encode is None and getattr(pipe, "text", None) is not None:
             self._encode = lambda text: self._offload(pipe.text.encode, text)  # type: ignore[union-attr]
-        self.models: RequestModels = request_models(settings)  # the same models as the published schemas
+        # the same models as the published schemas (a video-prediction model's take no prompt)
+        self.models: RequestModels = request_models(settings, takes_text=pipe.config.takes_text)
         self._pool = ThreadPoolExecutor(max_workers=settings.request_workers, thread_name_prefix="ca2vdm-request",
                                         initializer=lower_thread_priority)  # fmt: skip
         self._pending = 0  # jobs in or waiting for the pool (event loop only)

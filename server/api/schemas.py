@@ -8,7 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    RootModel,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
 
 from ca2vdm.client.protocol import (
     MAX_SEED,
@@ -67,12 +76,29 @@ class RequestModels:
     video: type[BaseModel]
 
 
-def request_models(settings: Settings) -> RequestModels:
+def request_models(settings: Settings, takes_text: bool = True) -> RequestModels:
+    """`takes_text` False (a video-prediction model): `prompt` and `guidance_scale` may only be null, so the schemas
+    a client reads say what the server accepts."""
     image = base64_chars(settings.max_image_bytes)
     start = bounded(StartMessage, steps=settings.max_steps, num_frames=settings.max_frames, image=image)
     video = bounded(VideoRequest, steps=settings.max_steps, num_frames=settings.max_frames, image=image)
+    if not takes_text:
+        start, video = _without_text(start), _without_text(video)
     first = RootModel[Annotated[start | ResumeMessage, Field(discriminator="type")]]  # type: ignore[valid-type]
     return RequestModels(start=start, resume=ResumeMessage, first=first, video=video)
+
+
+def _no_text(value: Any) -> Any:
+    if value is not None:
+        raise ValueError("this model is not text-conditioned: it takes no prompt or guidance_scale")
+    return value
+
+
+NoText = Annotated[None, BeforeValidator(_no_text), Field(description="null: this model is not text-conditioned")]
+
+
+def _without_text(model: type[BaseModel]) -> type[BaseModel]:
+    return create_model(model.__name__, __base__=model, prompt=(NoText, None), guidance_scale=(NoText, None))
 
 
 def describe(exc: ValidationError, limit: int = 3) -> str:

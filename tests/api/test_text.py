@@ -133,5 +133,5 @@ def test_a_video_prediction_model_refuses_a_prompt(server):
     error = messages[-1][1]
     assert error["code"] == "invalid_request" and "not text-conditioned" in error["message"]
     response = httpx.post(f"http://{server}/v1/videos", json={"num_frames": 9, "prompt": "a red circle"})
-    assert response.status_code == 400 and "not text-conditioned" in response.json()["error"]["message"]
+    assert response.status_code == 422 and "not text-conditioned" in response.json()["error"]["message"]
     assert httpx.get(f"http://{server}/v1/models").json()["text"] is False
