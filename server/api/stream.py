@@ -212,6 +212,9 @@ async def stream(ws: WebSocket) -> None:
                     handle = await engine.start_session(params, auto_ack=False, client=client, resumable=True,
                                                         owner=owner)  # fmt: skip
             except (Reject, SessionFailed) as exc:
+                if exc.code == "moved":  # a cluster's replica holding it is leaving: resume again in a moment
+                    await _close(ws, MOVED_CLOSE)
+                    return
                 if exc.code == "invalid_request":  # guessing tokens counts too
                     guard.strike(client)
                 await _fail(ws, exc.code, str(exc))

@@ -108,6 +108,7 @@ class RemoteHandle:
         self.info: StreamInfo = first["info"]
         self.replica: str = first["replica"]  # the replica holding the session's pages
         self.requested_frames: int | None = first["num_frames"]
+        self._stream_key: str = first["stream"]  # this stream's (not its session's) key on the replica
         self.auto_ack = auto_ack
         self._ended = False
 
@@ -116,7 +117,7 @@ class RemoteHandle:
         return self.info.session_id
 
     def _send(self, method: str, *args: Any, frees: bool = False) -> None:
-        self._engine.call_soon(method, self.id, *args, route=Route(replica=self.replica), frees=frees)
+        self._engine.call_soon(method, self._stream_key, *args, route=Route(replica=self.replica), frees=frees)
 
     def ack(self, frames: int) -> None:
         self._send("ack", frames)
@@ -293,6 +294,8 @@ class RemoteEngine:
                      client: str | None = None) -> RemoteHandle:  # fmt: skip
         request = {"kind": "resume", "token": token, "from_frame": from_frame, "owner": owner, "client": client}
         stream, first = await self._open(request, Route(session=token))
+        if "moved" in first:  # its replica is leaving and saving it: the client resumes again (1012)
+            raise SessionMoved("the engine replica holding this session is leaving: resume it again")
         if "error" in first:
             raise SessionFailed(first["error"], first["message"])
         return RemoteHandle(self, stream, first, auto_ack)

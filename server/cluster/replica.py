@@ -16,6 +16,7 @@ for another replica. Without a shared directory its streams run on until Serve's
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -57,7 +58,10 @@ class EngineReplica:
         if session_dir:
             _prune(Path(session_dir), s.resume_keep_s)
         self.engine = Engine(pipe, config).start()
-        self.handles: dict[str, SessionHandle] = {}  # open streams, by session id
+        # open streams, by "<session id>#<n>": a resumed session's new stream gets a new key, so a call of its dropped
+        # connection (a late detach or ack) cannot reach it
+        self.handles: dict[str, SessionHandle] = {}
+        self._stream_numbers = itertools.count(1)
         self.draining = False
         self._stopped = False
         self._tasks: list[asyncio.Task] = []
@@ -93,10 +97,12 @@ class EngineReplica:
         except (SessionFailed, ValueError) as exc:
             yield self._refusal(request, exc)
             return
-        self.handles[handle.id] = handle
+        key = f"{handle.id}#{next(self._stream_numbers)}"
+        self.handles[key] = handle
         raw = handle.info.format == "raw"
         try:
-            yield {"info": handle.info, "replica": self.id, "num_frames": handle.session.params.num_frames}
+            yield {"info": handle.info, "replica": self.id, "num_frames": handle.session.params.num_frames,
+                   "stream": key}  # fmt: skip
             async for clip in handle:
                 yield {"clip": RemoteClip(clip.index, clip.first_frame, clip.num_frames, clip.gen_ms, clip.ahead_ms,
                                           clip.media, clip.frames if raw else None)}  # fmt: skip
@@ -108,8 +114,7 @@ class EngineReplica:
             handle.detach()
             raise
         finally:
-            if self.handles.get(handle.id) is handle:
-                del self.handles[handle.id]
+            self.handles.pop(key, None)
 
     def _refusal(self, request: dict, exc: Exception) -> dict:
         code = getattr(exc, "code", "invalid_request")
@@ -136,16 +141,17 @@ class EngineReplica:
         return await self.engine.start_session(params, auto_ack=False, client=client,
                                                resumable=request.get("resumable", False), owner=owner)  # fmt: skip
 
-    async def ack(self, session_id: str, frames: int, route: Route | None = None) -> None:
-        if (handle := self.handles.get(session_id)) is not None:
+    async def ack(self, stream: str, frames: int, route: Route | None = None) -> None:
+        """Calls about one open stream (`stream`: its key, from its first answer)."""
+        if (handle := self.handles.get(stream)) is not None:
             handle.ack(frames)
 
-    async def cancel(self, session_id: str, route: Route | None = None) -> None:
-        if (handle := self.handles.get(session_id)) is not None:
+    async def cancel(self, stream: str, route: Route | None = None) -> None:
+        if (handle := self.handles.get(stream)) is not None:
             handle.cancel()
 
-    async def set_prompt(self, session_id: str, prompt: Prompt, recache: bool, route: Route | None = None) -> None:
-        if (handle := self.handles.get(session_id)) is not None:
+    async def set_prompt(self, stream: str, prompt: Prompt, recache: bool, route: Route | None = None) -> None:
+        if (handle := self.handles.get(stream)) is not None:
             handle.set_prompt(prompt, recache)
 
     async def encode_prompt(self, text: str, route: Route | None = None) -> Any:
@@ -155,8 +161,8 @@ class EngineReplica:
             raise ValueError(f"model {self.engine.pipe.name} has no text encoder")
         return await asyncio.to_thread(encoder.encode, text)
 
-    async def detach(self, session_id: str, route: Route | None = None) -> None:
-        if (handle := self.handles.get(session_id)) is not None:
+    async def detach(self, stream: str, route: Route | None = None) -> None:
+        if (handle := self.handles.get(stream)) is not None:
             handle.detach()
 
     async def metrics(self, route: Route | None = None) -> dict:

@@ -123,11 +123,11 @@ class _Replicas:
             self.room[rid] -= 1
             self.started.append((rid, request["params"]))
             yield {"info": SimpleNamespace(session_id=f"{rid}-s{len(self.started)}"), "replica": rid,
-                   "num_frames": None}  # fmt: skip
+                   "num_frames": None, "stream": f"{rid}-s{len(self.started)}#1"}  # fmt: skip
 
         return answers()
 
-    async def _cancel(self, session_id: str, route: Route) -> None:
+    async def _cancel(self, stream: str, route: Route) -> None:
         self.room[route.replica] += 1
 
 
