@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import serve
 
@@ -41,6 +42,7 @@ from .router import Route, replica_of
 log = logging.getLogger("ca2vdm.cluster")
 
 DRAIN_CHECK_S = 1.0  # how often a replica looks whether it is still a member of its deployment
+HANDOVER_WAIT_S = 30.0  # a resume of a leaving replica's session waits this long for its saved file
 
 
 class EngineReplica:
@@ -133,13 +135,29 @@ class EngineReplica:
     async def _open(self, request: dict) -> SessionHandle:
         owner, client = request.get("owner"), request.get("client")
         if request["kind"] == "resume":
-            return await self.engine.resume(request["token"], request["from_frame"], owner=owner, auto_ack=False,
-                                            client=client)  # fmt: skip
+            return await self._resume(request["token"], request["from_frame"], owner, client)
         params: SessionParams = request["params"]
         if request.get("only_if_room") and not self.has_room(params):
             raise _Full
         return await self.engine.start_session(params, auto_ack=False, client=client,
                                                resumable=request.get("resumable", False), owner=owner)  # fmt: skip
+
+    async def _resume(self, token: str, from_frame: int, owner: str | None, client: str | None) -> SessionHandle:
+        """Resume a session: one of this replica's, or one a leaving replica saved to the shared directory. A client
+        can get here before the leaving replica has saved its session (Serve stops routing to a replica, and may
+        end its streams, before the replica notices that it is leaving): while that replica's process is still
+        alive, wait for its file (at most HANDOVER_WAIT_S); a replica that died saves nothing, so no wait then."""
+        deadline = time.monotonic() + HANDOVER_WAIT_S
+        home = replica_of(token)
+        while True:
+            try:
+                return await self.engine.resume(token, from_frame, owner=owner, auto_ack=False, client=client)
+            except SessionFailed as exc:
+                if exc.code != "invalid_request" or home in ("", self.id) or time.monotonic() > deadline:
+                    raise
+                if not await asyncio.to_thread(replica_alive, self.app, self.deployment, home):
+                    raise
+            await asyncio.sleep(0.25)
 
     async def ack(self, stream: str, frames: int, route: Route | None = None) -> None:
         """Calls about one open stream (`stream`: its key, from its first answer)."""
@@ -259,6 +277,13 @@ class EngineReplica:
             await self.job_worker.stop()  # its unfinished jobs go back to the queue, for another replica
             self.job_worker.store.close()
         await asyncio.to_thread(self.engine.stop)  # saves resumable sessions in the shared directory
+
+
+def replica_alive(app: str, deployment: str, replica: str) -> bool:
+    """Whether the process of `replica` (of `deployment` in `app`) is still running, as Ray's named actors say
+    (Serve names each replica's actor after the app, deployment and replica id)."""
+    suffix = f"{app}#{deployment}#{replica}"
+    return any(a["name"].endswith(suffix) for a in ray.util.list_named_actors(all_namespaces=True))
 
 
 class _Full(Exception):

@@ -88,7 +88,7 @@ def test_large_and_deep_json_get_invalid_request_and_the_good_client_streams(tin
         bad, good = asyncio.run(main())
         for got, code in bad:  # the documented error and close code, never a bare 1006
             assert code == 1008 and got[-1]["type"] == "error" and got[-1]["code"] == "invalid_request", got
-        assert "at most 4096 bytes" in bad[0][0][-1]["message"]
+        assert "at most 16384 bytes" in bad[0][0][-1]["message"]  # max_control_bytes
         assert good["messages"][-1] == {"type": "done", "frames": 17}
         assert_idle(address)
 
