@@ -23,7 +23,9 @@ SEED = 21
 @pytest.fixture(scope="module")
 def text_server():
     pipe = load_pipeline("random:tiny-text", device="cpu")
-    with running_server(pipe, max_sessions=4, max_batch=4, min_prompt_interval_s=0.5) as address:
+    # max_pending_clips=1: a stream cannot run clips ahead of its client, so a prompt change sent on clip 1 lands
+    # while clip 2 or 3 is generated, whatever the machine's speed
+    with running_server(pipe, max_sessions=4, max_batch=4, min_prompt_interval_s=0.5, max_pending_clips=1) as address:
         yield address
 
 
