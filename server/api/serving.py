@@ -54,7 +54,7 @@ def serve_in_thread(pipe: Any, **settings: Any) -> Iterator[tuple[str, FastAPI]]
     server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # the engine warms up first (slow on a busy CPU)
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("server did not start")
