@@ -65,6 +65,7 @@ async function start() {
     if (prompt && Number.isFinite(guidance)) startMsg.guidance_scale = guidance;
   }
   state.promptChanges = 0;
+  syncPromptButton();
   const mediaSource = new MediaSource();
   video.src = URL.createObjectURL(mediaSource);
   await new Promise((r) => mediaSource.addEventListener("sourceopen", r, { once: true }));
@@ -80,6 +81,7 @@ async function start() {
   const finish = () => {
     if (ended) return;
     ended = true; state.running = false; state.reconnecting = false; session = null;
+    syncPromptButton();
     $("start").disabled = false; $("stop").disabled = true;
     if (received.length) {
       $("download").href = URL.createObjectURL(new Blob(received, { type: "video/mp4" }));
@@ -197,7 +199,8 @@ function changePrompt() {
 }
 $("changeprompt").addEventListener("click", changePrompt);
 $("newprompt").addEventListener("keydown", (e) => { if (e.key === "Enter") changePrompt(); });
-setInterval(() => { $("changeprompt").disabled = !(state.running && state.model && state.model.text); }, 250);
+// enabled while a stream of a text model runs (set by start and finish: no timer, which a background tab throttles)
+function syncPromptButton() { $("changeprompt").disabled = !(state.running && state.model && state.model.text); }
 $("stop").addEventListener("click", stop);
 
 // The model's samplers and defaults come from the server (/v1/models), the one list the API validates against.
