@@ -154,6 +154,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               f"joining first clip p50 {p50 or float('nan'):.2f} s, p99 {p99 or float('nan'):.2f} s; "
               f"{100 * rt['fraction_of_compute_floor']:.0f}% of floor; engine estimate "
               f"{rt['engine_estimate_sessions']} sessions")  # fmt: skip
+        if (job := rt.get("job")) is not None:
+            print(f"a {job['frames']}-frame job at that load: {'finished' if job['finished'] else 'NOT finished'} in "
+                  f"{job['wall_s']:.1f} s, {job['stalls']} viewer stalls meanwhile")  # fmt: skip
     if "table5" in result:
         print(f"80 frames x 100 IDDPM steps: {result['table5']['seconds']:.1f} s")
     return 0
@@ -403,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--hold", type=float, default=_env("hold", 60.0, float), help="real-time hold, seconds")
     bench.add_argument("--probes", type=int, default=_env("probes", 10, int), help="sessions joining the held load")
+    bench.add_argument("--job-frames", type=int, default=_env("job_frames", 0, int),
+                       help="with --realtime: a REST job of this many frames at the held load (0: none)")  # fmt: skip
     bench.add_argument("--chunks", type=int, default=_env("chunks", 2, int), help="chunks generated per session")
     bench.add_argument("--max-batch", type=int, default=_env("max_batch", 16, int))
     bench.add_argument("--commit", default=_env("commit", None))

@@ -8,6 +8,8 @@
 3. While the held load runs, viewers come and go: `probes` times the oldest viewer leaves and a new one joins in
    its place, so the load stays at the count held; the time to first clip of those joiners is the time to first
    clip of a session joining at that load (p50, p99). Their stalls count too.
+4. With `job_frames`, a REST job of that many frames (pace "max") is then submitted at the held load: the time it
+   takes on the capacity the viewers leave, and the viewers' stalls meanwhile.
 The result also gives the share of the compute floor the held load uses (denoising-forward FLOPs of the frames it
 generated, at the card's measured matmul rate, over the wall time) and the engine's own capacity estimate.
 """
@@ -28,6 +30,7 @@ from ca2vdm.server.engine.session import SessionParams
 from ca2vdm.server.model.loader import Pipeline
 
 FIRST_CLIP_LIMIT_S = 5.0  # a joiner without its first clip by then counts as stalled
+JOB_LIMIT_S = 300.0  # a job at the held load that has not finished by then is reported unfinished
 
 
 @dataclass
@@ -101,7 +104,7 @@ def _params(pipe: Pipeline, steps: int, seed: int) -> SessionParams:
 
 
 async def ramp_and_hold(engine: Engine, pipe: Pipeline, steps: int, max_sessions: int, join_every_s: float,
-                        hold_s: float, probes: int) -> dict:  # fmt: skip
+                        hold_s: float, probes: int, job_frames: int = 0) -> dict:  # fmt: skip
     """Steps 1-3 of the module docstring on `engine` (anything with Engine's start_session and num_waiting: a
     cluster's RemoteEngine too)."""
     viewers: list[Viewer] = []
@@ -159,23 +162,65 @@ async def ramp_and_hold(engine: Engine, pipe: Pipeline, steps: int, max_sessions
         if row["stalls"] == 0 or k == 1 or len(holds) == 4:
             break
         k -= 1
+    job = None
+    if job_frames and holds[-1]["stalls"] == 0:
+        job = await _job_at_load(engine, pipe, steps, viewers, job_frames)
     for v in viewers:
         v.task.cancel()  # type: ignore[union-attr]
     await asyncio.gather(*(v.task for v in viewers), return_exceptions=True)
-    return {"ramp": ramp, "ramp_stop": stop_reason, "holds": holds}
+    return {"ramp": ramp, "ramp_stop": stop_reason, "holds": holds, "job": job}
+
+
+async def _job_at_load(engine: Engine, pipe: Pipeline, steps: int, viewers: list[Viewer], frames: int) -> dict:
+    """4. A REST job (pace "max", `frames` frames) submitted at the held load: how long it takes on the spare
+    capacity, and the viewers' stalls while it runs (it must cause none)."""
+    for v in viewers:
+        v.reset()
+    params = _params(pipe, steps, seed=777)
+    params = SessionParams(image=params.image, seed=777, sampler="ddim", steps=steps, num_frames=frames, pace="max")
+    got = 0
+
+    async def run() -> None:
+        nonlocal got
+        handle = await engine.start_session(params)
+        async for clip in handle:
+            got += clip.num_frames  # the condition image's frame included, as num_frames counts it
+
+    start = time.monotonic()
+    task = asyncio.create_task(run())
+    starving: set[int] = set()
+    while not task.done() and time.monotonic() - start < JOB_LIMIT_S:
+        await asyncio.sleep(0.1)
+        now = time.monotonic()
+        starving |= {id(v) for v in viewers if v.starving(now)}
+    finished = task.done() and task.exception() is None
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    wall = time.monotonic() - start
+    return {
+        "sessions": len(viewers),
+        "frames": frames,
+        "frames_done": got,
+        "finished": finished,
+        "wall_s": wall,
+        "stalls": sum(v.stalls for v in viewers) + len(starving),
+        "stall_s": sum(v.stall_s for v in viewers),
+    }
 
 
 def realtime_scenario(pipe: Pipeline, floor_ms: float, steps: int | None = None, max_sessions: int = 32,
                       max_batch: int = 16, join_every_s: float = 1.0, hold_s: float = 60.0,
-                      probes: int = 10) -> dict:  # fmt: skip
+                      probes: int = 10, job_frames: int = 0) -> dict:  # fmt: skip
     """See the module docstring. `floor_ms`: one batch-1 denoising forward's FLOPs at the measured matmul rate."""
     steps = steps or pipe.config.default_steps
     # admission lets every session in (target 1.0, long wait): the ramp, not the estimate, finds the limit
-    config = EngineConfig(max_sessions=max_sessions, max_batch=min(max_batch, max_sessions), realtime_target=1.0,
+    # (and a slot beyond the ramp's for the job)
+    slots = max_sessions + (1 if job_frames else 0)
+    config = EngineConfig(max_sessions=slots, max_batch=min(max_batch, max_sessions), realtime_target=1.0,
                           admission_wait_s=30.0, max_waiting=max_sessions)  # fmt: skip
     engine = Engine(pipe, config).start()
     try:
-        run = asyncio.run(ramp_and_hold(engine, pipe, steps, max_sessions, join_every_s, hold_s, probes))
+        run = asyncio.run(ramp_and_hold(engine, pipe, steps, max_sessions, join_every_s, hold_s, probes, job_frames))
         estimate = engine.realtime_capacity(steps)
     finally:
         engine.stop()

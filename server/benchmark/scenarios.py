@@ -242,7 +242,8 @@ def run_benchmarks(args) -> dict:
         result["table5"] = _table5(pipe)
     if "realtime" in scenarios:
         result["realtime"] = realtime_scenario(pipe, forward["floor_ms"], steps=args.steps, max_batch=args.max_batch,
-                                               hold_s=args.hold, probes=args.probes)  # fmt: skip
+                                               hold_s=args.hold, probes=args.probes,
+                                               job_frames=getattr(args, "job_frames", 0))  # fmt: skip
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if "sessions" in scenarios:
         counts = [int(v) for v in args.sessions.split(",")]

@@ -3,7 +3,10 @@
 Each engine step runs (1) one batched write of the condition frames of newly admitted sessions, then (2) one
 batched denoising step over up to `max_batch` sessions, each at its own timestep and cache length. Who is in the
 batch (live before background, earliest deadline first):
-1. live sessions that have no generated clip out yet, oldest first: time to first clip comes before everything;
+1. live sessions that have no generated clip out yet, oldest first: time to first clip comes before everything.
+   They run alone (a small batch, so a short step) while the other live sessions are far enough ahead of their
+   viewers to wait for them; a live session that could not (it would miss its due time if it waited for the first
+   clips and then ran with everyone) joins them, earliest due first;
 2. live sessions by the due time of their next clip; one more than `max_lead_s` ahead of its viewer waits;
 3. background sessions (pace "max": REST jobs, max-pace streams), least recently run first, in what is left of the
    batch; in a batch with live sessions only as many as the capacity model says cost no live session its due
@@ -221,6 +224,8 @@ class Scheduler:
         live = sorted((s for s, d in due.items() if d - now <= cfg.max_lead_s),  # type: ignore[operator]
                       key=lambda s: (due[s], s.last_step))  # fmt: skip
         background = sorted((s for s in ready if not s.is_live), key=lambda s: s.last_step)
+        if first:  # first clips alone, joined only by the live sessions that cannot wait for them
+            live = live[: self._must_join(first[: cfg.max_batch], live, now, due)]
         batch = (first + live)[: cfg.max_batch]
         room = min(cfg.max_batch - len(batch), len(background))
         if room and batch:
@@ -228,6 +233,21 @@ class Scheduler:
         elif room:  # background alone: a step short enough that a live session arriving meanwhile waits little
             room = max(1, self._rows_within(room, cfg.max_background_step_s))
         return batch + background[:room]
+
+    def _must_join(self, first: list[Session], live: list[Session], now: float, due: dict) -> int:
+        """How many of the live sessions (earliest due first) run beside first clips this step: the fewest such that
+        every other one is still out on time if it waits for the first clips to finish and then runs in a batch with
+        everyone (unmeasured step times: all join; a first clip then shares its batch as it would anyway)."""
+        margin, total = self.config.deadline_margin_s, len(first) + len(live)
+        after, chunk_after = self.capacity.step_time(total), self.capacity.chunk_time(total)
+        for k in range(len(live) + 1):
+            step = self.capacity.step_time(len(first) + k)
+            if step is None or after is None:
+                return len(live)
+            wait = max(s.steps_left for s in first) * step + self.capacity.chunk_time(len(first))
+            if all(now + wait + s.steps_left * after + chunk_after <= due[s] - margin for s in live[k:]):
+                return k
+        return len(live)
 
     def _rows_within(self, rows: int, seconds: float) -> int:
         """The most rows (at most `rows`) whose step the capacity model puts within `seconds` (unmeasured: all)."""

@@ -262,6 +262,11 @@ class SDVAECodec(LatentCodec):
         self.channels_last = enabled
         self.vae.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
+    def compile_decoder(self) -> None:
+        """Compile the decoder with torch.compile (in place, so weights and their names stay; each new frame count
+        compiles once, on its first decode)."""
+        self.vae.decoder.compile(dynamic=False)
+
     def _layout(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 

@@ -109,6 +109,30 @@ def test_first_clips_first_then_earliest_deadline():
     assert batch[0] is ss[1] and set(batch[1:]) <= {ss[0], ss[3], ss[4]} and ss[2] not in batch
 
 
+def test_a_first_clip_runs_alone_while_the_others_can_wait_for_it():
+    # 10 ms a step alone, 32 ms with 4 rows: the joiner's 25 steps alone take 0.25 s, after which all 4 run together
+    # (25 steps of 32 ms: 0.8 s per chunk)
+    sched, clock = make(EngineConfig(max_sessions=4, max_batch=4, deadline_margin_s=0.25), {1: 0.01, 4: 0.032})
+    ss = sessions(4)
+    start(sched, ss)
+    joiner, old = ss[3], ss[:3]
+    for i, s in enumerate(old):
+        playing(s, clock.now - 1, 1 + 8 * 3 + i)  # about 2 s ahead of their viewers
+    assert sched.schedule().denoise == [joiner]  # alone: its first clip in a quarter of a second
+    # one is now barely ahead: waiting 0.25 s for the joiner, then 0.8 s in the full batch would make it late
+    playing(old[1], clock.now - 1, 1 + 8 * 2)  # due in 1.0 s
+    old[1].steps_left = 25
+    assert sched.schedule().denoise == [joiner, old[1]]
+    # the others' lead is used up: all run with it, earliest due first
+    for s in old:
+        playing(s, clock.now - 1, 1 + 8 * 2)
+    batch = sched.schedule().denoise
+    assert batch[0] is joiner and set(batch[1:]) == set(old)
+    # no first clip in the batch: live sessions by due time as before
+    playing(joiner, clock.now, 9)
+    assert set(sched.schedule().denoise) == set(ss)
+
+
 def test_a_session_ahead_of_its_viewer_by_more_than_the_lead_waits():
     sched, clock = make(EngineConfig(max_sessions=4, max_batch=4, max_lead_s=4.0))
     a, b = sessions(2)
