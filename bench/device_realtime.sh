@@ -2,8 +2,9 @@
 # Real-time capacity runs on the lent GPU (device tool), from the repository root; results land in $OUT.
 #   bash bench/device_realtime.sh base BASE_COMMIT   # the baseline: bench --realtime (bf16) of .dev/base_<BASE>.tar,
 #                                                    # and bench/vae_decode.py (eager vs compiled decoder)
-#   bash bench/device_realtime.sh new COMMIT [ARGS]  # bench --realtime of the working tree, bf16 then fp8, with a
-#                                                    # 64-frame REST job at the held load; ARGS go to both
+#   bash bench/device_realtime.sh new COMMIT [ARGS]  # bench --realtime of the working tree: bf16 and fp8 with a
+#                                                    # 64-frame REST job at the held load, then bf16 with the eager
+#                                                    # decoder; ARGS go to each
 # Each step has its own time limit so one slow step cannot take the call's 10 minutes.
 set -uo pipefail
 source bench/device_env.sh
@@ -17,8 +18,10 @@ if [ "$phase" = base ]; then
     (cd /tmp/base && PYTHONPATH="/tmp/base:/tmp/site" timeout 300 python3 -m ca2vdm.server.cli "${common[@]}" \
         --commit "$commit" --out "$OUT/realtime_bf16_base.json")
 else
-    timeout 280 python3 -m ca2vdm.server.cli "${common[@]}" --job-frames 64 --commit "$commit" \
+    timeout 220 python3 -m ca2vdm.server.cli "${common[@]}" --job-frames 64 --commit "$commit" \
         --out "$OUT/realtime_bf16.json" "$@"
-    timeout 280 python3 -m ca2vdm.server.cli "${common[@]}" --job-frames 64 --precision fp8 --commit "$commit" \
+    timeout 220 python3 -m ca2vdm.server.cli "${common[@]}" --job-frames 64 --precision fp8 --commit "$commit" \
         --out "$OUT/realtime_fp8.json" "$@"
+    timeout 140 python3 -m ca2vdm.server.cli "${common[@]}" --eager-decoder --commit "$commit" \
+        --out "$OUT/realtime_bf16_eager_decoder.json" "$@"
 fi

@@ -408,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--probes", type=int, default=_env("probes", 10, int), help="sessions joining the held load")
     bench.add_argument("--job-frames", type=int, default=_env("job_frames", 0, int),
                        help="with --realtime: a REST job of this many frames at the held load (0: none)")  # fmt: skip
+    bench.add_argument("--eager-decoder", action="store_true", help="with --realtime: do not compile the decoder")
     bench.add_argument("--chunks", type=int, default=_env("chunks", 2, int), help="chunks generated per session")
     bench.add_argument("--max-batch", type=int, default=_env("max_batch", 16, int))
     bench.add_argument("--commit", default=_env("commit", None))

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     admission_wait_s: float = Field(10.0, gt=0)  # a live session without real-time capacity that long: server_busy
     encode_workers: int = Field(2, ge=1)  # threads encoding clips off the engine thread
     cuda_graphs: bool = True  # replay the denoising forward and the cache write as CUDA graphs (CUDA only)
+    compile_decoder: bool = True  # torch.compile the SD-VAE decoder at warm-up (CUDA only; about 50 s, 2x faster)
     # resuming (a stream whose connection dropped)
     resume_grace_s: float = Field(30.0, ge=0)  # a detached session keeps its cache pages this long (exact resume)
     max_detached_sessions: int = Field(8, ge=0)  # detached sessions holding pages at once (oldest unloaded first)

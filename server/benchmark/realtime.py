@@ -210,14 +210,14 @@ async def _job_at_load(engine: Engine, pipe: Pipeline, steps: int, viewers: list
 
 def realtime_scenario(pipe: Pipeline, floor_ms: float, steps: int | None = None, max_sessions: int = 32,
                       max_batch: int = 16, join_every_s: float = 1.0, hold_s: float = 60.0,
-                      probes: int = 10, job_frames: int = 0) -> dict:  # fmt: skip
+                      probes: int = 10, job_frames: int = 0, compile_decoder: bool = True) -> dict:  # fmt: skip
     """See the module docstring. `floor_ms`: one batch-1 denoising forward's FLOPs at the measured matmul rate."""
     steps = steps or pipe.config.default_steps
     # admission lets every session in (target 1.0, long wait): the ramp, not the estimate, finds the limit
     # (and a slot beyond the ramp's for the job)
     slots = max_sessions + (1 if job_frames else 0)
     config = EngineConfig(max_sessions=slots, max_batch=min(max_batch, max_sessions), realtime_target=1.0,
-                          admission_wait_s=30.0, max_waiting=max_sessions)  # fmt: skip
+                          admission_wait_s=30.0, max_waiting=max_sessions, compile_decoder=compile_decoder)  # fmt: skip
     engine = Engine(pipe, config).start()
     try:
         run = asyncio.run(ramp_and_hold(engine, pipe, steps, max_sessions, join_every_s, hold_s, probes, job_frames))

@@ -243,7 +243,8 @@ def run_benchmarks(args) -> dict:
     if "realtime" in scenarios:
         result["realtime"] = realtime_scenario(pipe, forward["floor_ms"], steps=args.steps, max_batch=args.max_batch,
                                                hold_s=args.hold, probes=args.probes,
-                                               job_frames=getattr(args, "job_frames", 0))  # fmt: skip
+                                               job_frames=getattr(args, "job_frames", 0),
+                                               compile_decoder=not getattr(args, "eager_decoder", False))  # fmt: skip
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if "sessions" in scenarios:
         counts = [int(v) for v in args.sessions.split(",")]

@@ -36,6 +36,7 @@ class EngineConfig:
     shared_resume_dir: bool = False
     id_prefix: str = ""  # session ids and resume tokens start with this (a cluster replica's id: routes a resume)
     cuda_graphs: bool = True  # replay the forwards as CUDA graphs (on CUDA devices)
+    compile_decoder: bool = True  # compile the latent decoder (SD-VAE; on CUDA devices), at warm-up
 
     def __post_init__(self) -> None:
         counts = (self.max_sessions, self.max_batch, self.max_background_sessions, self.max_pending_clips,

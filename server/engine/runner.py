@@ -164,6 +164,8 @@ class ModelRunner:
             self.writer = GraphedWriter(self.model, self.pool, self.pages, self.latent_shape, config.max_batch,
                                         frame_counts=(1, cfg.chunk_frames), mempool=self.graphs.mempool,
                                         captions=captions)  # fmt: skip
+        if config.compile_decoder and pipe.device.type == "cuda":
+            pipe.codec.compile_decoder()  # compiled by the warm-up's decodes (one and two chunks)
         self._warm_up_batches = sorted({1, min(2, config.max_sessions, config.max_batch)})
         largest = min(config.max_sessions, config.max_batch)
         self._measure_batches = sorted({1, min(2, largest), largest})
