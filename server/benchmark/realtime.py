@@ -222,6 +222,7 @@ def realtime_scenario(pipe: Pipeline, floor_ms: float, steps: int | None = None,
     try:
         run = asyncio.run(ramp_and_hold(engine, pipe, steps, max_sessions, join_every_s, hold_s, probes, job_frames))
         estimate = engine.realtime_capacity(steps)
+        measured = engine.capacity.snapshot()
     finally:
         engine.stop()
     held = run["holds"][-1]
@@ -237,5 +238,6 @@ def realtime_scenario(pipe: Pipeline, floor_ms: float, steps: int | None = None,
         "joining_first_clip_p99_s": float(np.percentile(ttfc, 99)) if ttfc else None,
         "fraction_of_compute_floor": rows * floor_ms / 1e3 / held["hold_s"],
         "engine_estimate_sessions": estimate,
+        "engine_measured_s": measured,  # what the estimate rests on: phase -> batch size -> seconds
         **run,
     }

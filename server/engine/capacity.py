@@ -74,6 +74,11 @@ class CapacityModel:
         with self._lock:
             return sum(_estimate(self._tables[p], batch_size) or 0.0 for p in ("decode", "write"))
 
+    def snapshot(self) -> dict[str, dict[int, float]]:
+        """The measured times: phase -> batch size -> seconds (the averages the estimates start from)."""
+        with self._lock:
+            return {phase: {b: e.value for b, e in sorted(t.items())} for phase, t in self._tables.items()}
+
     def load(self, steps: list[int]) -> float | None:
         """Engine seconds per second of video for live sessions with these step counts (None: not measured)."""
         if not steps:

@@ -79,6 +79,7 @@ def test_live_admission_stops_at_real_time_capacity():
     sched.schedule()
     assert [s.state for s in ss] == [SessionState.PREFILLING] * 3 + [SessionState.WAITING]
     assert sched.capacity.sessions(25, 8) == 3
+    assert sched.capacity.snapshot() == {"step": {1: 0.01, 8: 0.08}, "decode": {}, "write": {}}
     lone, _ = make(EngineConfig(max_sessions=8, max_batch=8), {1: 1.0})  # no session keeps real time: one gets in
     (x, y) = sessions(2)
     lone.add(x)
