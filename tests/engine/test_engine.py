@@ -369,3 +369,14 @@ def test_background_sessions_complete_beside_live_ones_without_stalls(pipe):
     (live, job), stats = run(with_engine(pipe, EngineConfig(max_lead_s=1.0), main))
     assert sum(c.num_frames for c in live) == 33 and sum(c.num_frames for c in job) == 41
     assert stats.stalls == 0 and stats.sessions_total["completed"] == 2
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 8, 16, 17, 64])
+def test_graph_buckets_cover_every_batch_with_little_padding(max_batch):
+    from ca2vdm.server.engine.graphs import batch_buckets
+
+    buckets = batch_buckets(max_batch)
+    assert buckets == sorted(set(buckets)) and buckets[-1] == max_batch
+    for n in range(1, max_batch + 1):
+        padded = next(b for b in buckets if b >= n)
+        assert padded == n if n <= 16 else padded - n <= n / 8  # small batches exact, large ones within an eighth
