@@ -44,6 +44,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "cuda"],
         help="where the text encoder runs (auto: the model's device)",
     )
+    p.add_argument("--prompt-cache-size", type=int, default=_env("prompt_cache_size", 1024, int),
+                   help="prompts whose encoded features are kept (LRU; 0: none)")  # fmt: skip
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -51,7 +53,8 @@ def _load(args: argparse.Namespace) -> Any:
     from .model.loader import load_pipeline
 
     return load_pipeline(args.model, preset=args.preset, vae=args.vae, device=args.device, precision=args.precision,
-                         text_encoder=args.text_encoder, text_device=args.text_encoder_device)  # fmt: skip
+                         text_encoder=args.text_encoder, text_device=args.text_encoder_device,
+                         text_cache_size=args.prompt_cache_size)  # fmt: skip
 
 
 def _prompt(pipe: Any, text: str | None, guidance_scale: float | None) -> Any:

@@ -60,7 +60,8 @@ def local_services(settings: Settings, pipeline: Pipeline | None = None) -> Serv
         pipe = pipeline or load_pipeline(settings.model, preset=settings.preset, vae=settings.vae,
                                          device=settings.device, precision=settings.precision,
                                          text_encoder=settings.text_encoder,
-                                         text_device=settings.text_encoder_device)  # fmt: skip
+                                         text_device=settings.text_encoder_device,
+                                         text_cache_size=settings.prompt_cache_size)  # fmt: skip
         engine = Engine(pipe, settings.engine_config()).start()  # warm-up included: /readyz turns 200 after this
         app.state.engine = engine
         app.state.decoder = RequestDecoder(settings, pipe)

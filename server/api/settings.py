@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     precision: str = "auto"  # auto | bf16 | fp8 (the block linears in float8; see docs/engine.md)
     text_encoder: str | None = None  # text-conditioned models: a local T5 directory (transformers' layout)
     text_encoder_device: str = "auto"  # auto (the model's device) | cpu | cuda
+    prompt_cache_size: int = Field(1024, ge=0)  # prompts whose encoded features are kept (LRU; 0: none)
     # network and storage
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

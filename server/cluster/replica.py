@@ -55,7 +55,8 @@ class EngineReplica:
         self.id, self.deployment, self.app = context.replica_id.unique_id, context.deployment, context.app_name
         s = self.settings
         pipe = load_pipeline(s.model, preset=s.preset, vae=s.vae, device=s.device, precision=s.precision,
-                             text_encoder=s.text_encoder, text_device=s.text_encoder_device)  # fmt: skip
+                             text_encoder=s.text_encoder, text_device=s.text_encoder_device,
+                             text_cache_size=s.prompt_cache_size)  # fmt: skip
         config = replace(s.engine_config(), id_prefix=self.id, resume_dir=session_dir, shared_resume_dir=True)
         if session_dir:
             _prune(Path(session_dir), s.resume_keep_s)

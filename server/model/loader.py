@@ -18,9 +18,10 @@ from ca2vdm.kernels.fp8 import quantize_model_
 from .checkpoint import load_state_dict_strict, read_model_dir, read_official_checkpoint
 from .codecs import LatentCodec, make_codec
 from .config import PipelineConfig, get_preset
+from .devices import resolve_device
 from .diffusion import DEFAULT_STEPS, Sampler, make_sampler
 from .stdit import CausalSTDiT
-from .text import TextEncoder, random_text_encoder, tiny_text_encoder
+from .text import DEFAULT_CACHE_SIZE, TextEncoder, random_text_encoder, tiny_text_encoder
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "default"
 
@@ -47,15 +48,6 @@ class Pipeline:
         """(height, width) of output video frames."""
         h, w = self.config.model.input_size[1:]
         return h * self.codec.downsample, w * self.codec.downsample
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available")
-    return dev
 
 
 def default_dtype(device: torch.device, config: PipelineConfig) -> torch.dtype:
@@ -88,6 +80,7 @@ def load_pipeline(
     precision: str = "auto",
     text_encoder: str | None = None,
     text_device: str = "auto",
+    text_cache_size: int = DEFAULT_CACHE_SIZE,
 ) -> Pipeline:
     """Build the pipeline for `spec` on `device` (bf16 on CUDA, fp32 on CPU unless `dtype` is given).
 
@@ -97,7 +90,8 @@ def load_pipeline(
     Text-conditioned models (`config.takes_text`) need `text_encoder`, a local T5 directory (transformers' T5
     encoder and tokenizer; its hidden size must be the model's caption_channels), except `random:` specs, which
     get a random encoder (`random:tiny-text` the tiny one, others one of T5 v1.1 XXL's shape). It runs on
-    `text_device` ("auto": the pipeline's device), bf16 on CUDA and fp32 on the CPU.
+    `text_device` ("auto": the pipeline's device), bf16 on CUDA and fp32 on the CPU, and keeps the features of the
+    last `text_cache_size` prompts (LRU).
     """
     if precision not in ("auto", "bf16", "fp8"):
         raise ValueError(f"unknown precision {precision!r}: auto, bf16 or fp8")
@@ -158,7 +152,7 @@ def load_pipeline(
     text = None
     if config.takes_text:
         text_dev = dev if text_device == "auto" else resolve_device(text_device)
-        text = _load_text_encoder(name, spec, config, text_encoder, text_dev, seed)
+        text = _load_text_encoder(name, spec, config, text_encoder, text_dev, seed, text_cache_size)
     return Pipeline(name=name, config=config, model=model, codec=codec, device=dev, text=text)
 
 
@@ -186,13 +180,19 @@ def _check_caption_channels(name: str, config: PipelineConfig, text_encoder: str
 
 
 def _load_text_encoder(
-    name: str, spec: str, config: PipelineConfig, text_encoder: str | None, device: torch.device, seed: int
+    name: str,
+    spec: str,
+    config: PipelineConfig,
+    text_encoder: str | None,
+    device: torch.device,
+    seed: int,
+    cache_size: int,
 ) -> TextEncoder:
     channels, max_length = config.model.caption_channels, config.model.model_max_length
     if text_encoder:
-        text = TextEncoder.from_dir(text_encoder, max_length=max_length, device=device)
+        text = TextEncoder.from_dir(text_encoder, max_length=max_length, device=device, cache_size=cache_size)
         _check_caption_channels(name, config, text_encoder, text.caption_channels)
         return text
     if spec == "random:tiny-text":
-        return tiny_text_encoder(channels, max_length, seed=seed, device=device)
-    return random_text_encoder(channels, max_length, device=device, seed=seed)
+        return tiny_text_encoder(channels, max_length, seed=seed, device=device, cache_size=cache_size)
+    return random_text_encoder(channels, max_length, device=device, seed=seed, cache_size=cache_size)

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .devices import resolve_device
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
@@ -87,12 +89,7 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("the text encoder was asked for a CUDA device but none is available")
-    return dev
+    return resolve_device(device, "the text encoder was asked for a CUDA device")
 
 
 def _resolve_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:

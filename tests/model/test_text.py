@@ -226,6 +226,8 @@ def test_loader_gives_random_tiny_text_its_encoder():
     assert pipe.text.caption_channels == pipe.config.model.caption_channels
     assert pipe.text.encode(PROMPT).y.shape == (8, 32)
     assert load_pipeline("random:tiny", device="cpu").text is None
+    assert pipe.text.cache_info().maxsize == 1024  # the default prompt cache
+    assert load_pipeline("random:tiny-text", device="cpu", text_cache_size=3).text.cache_info().maxsize == 3
 
 
 @pytest.fixture(scope="module")
@@ -239,8 +241,9 @@ def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_loader_text_encoder_from_a_directory(text_model_dir, t5_dir, tmp_path):
     with pytest.raises(ValueError, match=r"is text-conditioned: pass --text-encoder DIR \(a local T5 v1.1 XXL"):
         load_pipeline(str(text_model_dir), device="cpu")
-    pipe = load_pipeline(str(text_model_dir), device="cpu", text_encoder=str(t5_dir))
+    pipe = load_pipeline(str(text_model_dir), device="cpu", text_encoder=str(t5_dir), text_cache_size=0)
     assert pipe.text.name == str(t5_dir) and pipe.text.max_length == 8 and pipe.text.device.type == "cpu"
+    assert pipe.text.cache_info().maxsize == 0
     narrow = build_tiny_t5(tmp_path / "t5_16", d_model=16)
     with pytest.raises(ValueError, match="hidden size 16.*32-channel captions"):
         load_pipeline(str(text_model_dir), device="cpu", text_encoder=str(narrow))
