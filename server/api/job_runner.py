@@ -21,7 +21,7 @@ from .requests import Reject, lower_thread_priority
 log = logging.getLogger("ca2vdm.jobs")
 
 
-PromptFn = Callable[[str | None, float | None], Awaitable[Prompt | None]]
+PromptFn = Callable[..., Awaitable[Prompt | None]]  # (text, guidance_scale, queued=...) -> Prompt
 
 
 class JobRunner:
@@ -84,17 +84,17 @@ class JobRunner:
         handle = None
         writer: Mp4Writer | None = None
         try:
-            prompt = None
-            if job.prompt is not None:
-                if self._prompt is None:
-                    raise ValueError("this server cannot encode the job's prompt")
-                try:
-                    prompt = await self._prompt(job.prompt, job.guidance_scale)
-                except Reject as exc:
-                    raise ValueError(str(exc)) from exc
-            params = SessionParams(image=image, seed=job.seed, sampler=job.sampler, steps=job.steps,
-                                   num_frames=job.num_frames, format="raw", pace="max", prompt=prompt)  # fmt: skip
-            async with self._slots:
+            async with self._slots:  # the prompt is encoded in the job's slot: at most max_running_jobs at once
+                prompt = None
+                if job.prompt is not None:
+                    if self._prompt is None:
+                        raise ValueError("this server cannot encode the job's prompt")
+                    try:
+                        prompt = await self._prompt(job.prompt, job.guidance_scale, queued=True)
+                    except Reject as exc:
+                        raise ValueError(str(exc)) from exc
+                params = SessionParams(image=image, seed=job.seed, sampler=job.sampler, steps=job.steps,
+                                       num_frames=job.num_frames, format="raw", pace="max", prompt=prompt)  # fmt: skip
                 handle = await self.engine.start_session(params)
                 self.store.update(job.id, status="in_progress")
                 writer = Mp4Writer(self.store.path(job.id), self.engine.pipe.config.fps, threads=1)  # background

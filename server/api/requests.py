@@ -78,8 +78,6 @@ class RequestDecoder:
         encoder, run on this decoder's threads (a cluster's ingress asks a replica)."""
         self.settings, self.pipe = settings, pipe
         self._encode = encode
-        if encode is None and getattr(pipe, "text", None) is not None:
-            self._encode = lambda text: self._offload(pipe.text.encode, text)  # type: ignore[union-attr]
         # the same models as the published schemas (a video-prediction model's take no prompt)
         self.models: RequestModels = request_models(settings, takes_text=pipe.config.takes_text)
         self._pool = ThreadPoolExecutor(max_workers=settings.request_workers, thread_name_prefix="ca2vdm-request",
@@ -89,8 +87,10 @@ class RequestDecoder:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _offload(self, fn: Callable[..., T], *args: object) -> T:
-        if self._pending >= self.settings.max_pending_requests:
+    async def _offload(self, fn: Callable[..., T], *args: object, bounded: bool = True) -> T:
+        """`fn(*args)` on the request threads; refused as busy beyond `max_pending_requests` unless not `bounded`
+        (work whose callers bound it themselves)."""
+        if bounded and self._pending >= self.settings.max_pending_requests:
             raise Reject("server_busy", "too many large requests in progress; retry in a few seconds")
         self._pending += 1
         try:
@@ -130,9 +130,12 @@ class RequestDecoder:
         image = await self._image(msg.image)
         return self._params(image, msg.seed, msg.sampler, msg.steps, msg.num_frames, "raw", "max", prompt)
 
-    async def prompt(self, text: str | None, guidance_scale: float | None = None) -> Prompt | None:
+    async def prompt(self, text: str | None, guidance_scale: float | None = None, *, queued: bool = False
+                     ) -> Prompt | None:  # fmt: skip
         """A prompt and guidance scale -> the engine's `Prompt` (None: no prompt). A model that takes no text
-        refuses both; guidance needs a prompt; the scale defaults to the model's."""
+        refuses both; guidance needs a prompt; the scale defaults to the model's. `queued`: wait for the encoder
+        instead of being refused as busy when many requests are in progress (a running stream's prompt change, a
+        queued job: their own limits bound them, and a refusal would end the stream or fail the job)."""
         config = self.pipe.config
         if not config.takes_text:
             if text is not None or guidance_scale is not None:
@@ -145,10 +148,14 @@ class RequestDecoder:
             return None
         if not text.strip():
             raise Reject("invalid_request", "prompt is empty")
-        if self._encode is None:
+        text_encoder = getattr(self.pipe, "text", None)
+        if self._encode is None and text_encoder is None:
             raise Reject("internal", "this server has no text encoder loaded (--text-encoder)")
         try:
-            features = await self._encode(text)
+            if self._encode is not None:  # a cluster's ingress: a replica encodes
+                features = await self._encode(text)
+            else:
+                features = await self._offload(text_encoder.encode, text, bounded=not queued)
         except ValueError as exc:
             raise Reject("invalid_request", str(exc)) from exc
         scale = config.guidance_scale if guidance_scale is None else guidance_scale

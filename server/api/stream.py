@@ -98,6 +98,7 @@ class _Stream:
         self.closed = False  # the client closed the connection on purpose: the session is cancelled
         self.resumed = resumed  # (when the resume message came, the histogram of resume latencies)
         self.last_prompt = -float("inf")  # when the client last changed the prompt
+        self.prompt_task: asyncio.Task[None] | None = None  # the latest prompt change being encoded
 
     def end_session(self) -> None:
         """Detach the session if the client left, else cancel it (a no-op once it has ended)."""
@@ -120,20 +121,35 @@ class _Stream:
                 self.resumed = None
         return self.frames_sent
 
-    async def change_prompt(self, message: PromptMessage) -> None:
-        """A new prompt from the next clip on (encoded off the event loop; at most one per `min_prompt_interval_s`:
-        each costs the text encoder, and with `recache` a cache write)."""
+    def change_prompt(self, message: PromptMessage) -> None:
+        """A new prompt from the next clip on: at most one per `min_prompt_interval_s` (each costs the text encoder,
+        and with `recache` a cache write), encoded off the event loop by a task of its own (so acks are read
+        meanwhile), the stream's changes applied in order."""
         now = time.monotonic()
         if now - self.last_prompt < self.settings.min_prompt_interval_s:
             raise Reject("invalid_request", f"at most one prompt change per {self.settings.min_prompt_interval_s:g} s")
         self.last_prompt = now
+        self.prompt_task = asyncio.create_task(self._apply_prompt(message, self.prompt_task))
+
+    async def _apply_prompt(self, message: PromptMessage, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
         decoder: RequestDecoder = self.ws.app.state.decoder
-        prompt = await decoder.prompt(message.text)
-        assert prompt is not None
         try:
-            self.handle.set_prompt(prompt, recache=message.recache)
-        except ValueError as exc:
-            raise Reject("invalid_request", str(exc)) from exc
+            prompt = await decoder.prompt(message.text, queued=True)  # never refused for others' load
+            assert prompt is not None
+            try:
+                self.handle.set_prompt(prompt, recache=message.recache)
+            except ValueError as exc:
+                raise Reject("invalid_request", str(exc)) from exc
+        except Reject as exc:
+            if exc.code != "invalid_request":  # the encoder failed: the stream goes on with its prompt
+                log.warning("prompt change of session %s dropped: %s", self.handle.id, exc)
+                return
+            self.violation = exc  # a prompt the stream cannot take ends it, as any bad message does
+            self.end_session()
+        except Exception:  # noqa: BLE001 - a failed change must not go unreported, nor end a healthy stream
+            log.exception("prompt change of session %s failed; the stream goes on with its prompt", self.handle.id)
 
     async def watch_client(self) -> None:
         """`stop` and `ack` messages until the client stops or leaves; a protocol violation ends the session."""
@@ -164,7 +180,7 @@ class _Stream:
                 if isinstance(control, StopMessage):
                     return
                 if isinstance(control, PromptMessage):
-                    await self.change_prompt(control)
+                    self.change_prompt(control)
                     continue
                 assert isinstance(control, AckMessage)
                 if control.frames > self.frames_sent:
@@ -272,4 +288,6 @@ async def _serve(ws: WebSocket, handle: SessionHandle, settings: Settings, cappe
     finally:
         stream.end_session()
         watcher.cancel()
+        if stream.prompt_task is not None:
+            stream.prompt_task.cancel()
     return 0

@@ -6,8 +6,9 @@ A session's clips come back on one streaming call (`EngineReplica.open_stream`);
 are small calls routed to the replica named in the session id (`router.Route`). A new session is offered to the
 replica with the most real-time capacity to spare; one that is full answers `full` at once and the next is tried.
 When every replica is full the session waits here, not in one replica's queue (where it would miss room freed on
-another): first come first served, at most `max_waiting` per replica beyond the replicas' free slots, for
-`admission_wait_s`, offered again every `RETRY_S` and whenever a session of this ingress ends; then `server_busy`.
+another): first come first served within its class (live, background), at most `max_waiting` per replica beyond
+the replicas' free slots, a live one for `admission_wait_s` (a background one without a deadline, as on one
+server), offered again every `RETRY_S` and whenever a session of this ingress ends; then `server_busy`.
 A viewer who joins the moment another leaves thus gets the leaver's room even before the leaving replica has
 noticed.
 
@@ -169,8 +170,10 @@ class RemoteEngine:
         self.pipe: ModelSpec | None = None
         self._calls: set[asyncio.Task] = set()
         self.num_waiting = 0  # sessions waiting here for a replica with room
-        self._queue = asyncio.Lock()  # FIFO: the waiting session holding it is the one offered to the replicas
-        self._freed = asyncio.Event()  # a session of this ingress ended: room may have come free
+        # FIFO per class (live, background), as one engine queues: the waiting session holding its class's lock is
+        # the one offered to the replicas; a job waiting for a background slot never holds up a live viewer
+        self._queues = {True: asyncio.Lock(), False: asyncio.Lock()}
+        self._freed = {True: asyncio.Event(), False: asyncio.Event()}  # a session ended: room may have come free
 
     async def connect(self, timeout_s: float = 600.0) -> RemoteEngine:
         """Wait for a replica and learn the model from it."""
@@ -238,40 +241,45 @@ class RemoteEngine:
         return self.max_waiting * max(1, len(replicas)) + free
 
     def room_freed(self) -> None:
-        self._freed.set()
+        for freed in self._freed.values():
+            freed.set()
 
     async def start_session(self, params: SessionParams, *, auto_ack: bool = True, client: str | None = None,
                             resumable: bool = False, owner: str | None = None) -> RemoteHandle:  # fmt: skip
         """Offer the session to the replicas, most spare capacity first, a full one (no real-time capacity to spare
         for a live session, no free slot for a background one) skipped; when all are full, wait here (see the
-        module docstring). Raises ServerBusy when it cannot wait, or waited `admission_wait_s` in vain."""
+        module docstring). Raises ServerBusy when it cannot wait, or (a live session) waited `admission_wait_s` in
+        vain; a background session waits without a deadline, as on one server."""
         request = {"kind": "start", "params": params, "client": client, "resumable": resumable, "owner": owner,
                    "only_if_room": True}  # fmt: skip
-        if not self._queue.locked() and (handle := await self._offer(request, auto_ack)) is not None:
-            return handle  # nobody waits ahead of it and a replica had room
+        live = params.pace == "realtime"
+        queue, freed = self._queues[live], self._freed[live]
+        if not queue.locked() and (handle := await self._offer(request, auto_ack)) is not None:
+            return handle  # nobody of its class waits ahead of it and a replica had room
         if self.num_waiting >= self.wait_limit():
             raise ServerBusy("server busy: every engine replica is full and too many sessions are waiting")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.admission_wait_s
+        deadline = loop.time() + self.admission_wait_s if live else None
         busy = ServerBusy(f"server busy: no engine replica had room within {self.admission_wait_s:g} s; retry later")
         self.num_waiting += 1
         try:
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self._queue.acquire()
+                    await queue.acquire()
             except TimeoutError:
                 raise busy from None
             try:  # an offer is never cut short (a replica may be taking the session): the deadline is checked between
                 while True:
-                    self._freed.clear()
+                    freed.clear()
                     if (handle := await self._offer(request, auto_ack)) is not None:
                         return handle
-                    if (left := deadline - loop.time()) <= 0:
+                    left = RETRY_S if deadline is None else deadline - loop.time()
+                    if left <= 0:
                         raise busy
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._freed.wait(), min(RETRY_S, left))
+                        await asyncio.wait_for(freed.wait(), min(RETRY_S, left))
             finally:
-                self._queue.release()
+                queue.release()
         finally:
             self.num_waiting -= 1
 
@@ -279,7 +287,11 @@ class RemoteEngine:
         """One round: each replica in routing order until one takes the session (None: all were full)."""
         avoid: list[str] = []
         for _ in range(max(1, len(members(self.deployment)))):
-            stream, first = await self._open(request, Route(new=True, avoid=tuple(avoid)))
+            try:
+                stream, first = await self._open(request, Route(new=True, avoid=tuple(avoid)))
+            except SessionFailed as exc:  # a replica died or is being replaced: this round found no room
+                log.warning("offering a new session: %s; offered again shortly", exc)
+                return None
             if "full" in first:
                 avoid.append(first["replica"])
                 continue

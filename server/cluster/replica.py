@@ -149,15 +149,18 @@ class EngineReplica:
         end its streams, before the replica notices that it is leaving): while that replica's process is still
         alive, wait for its file (at most HANDOVER_WAIT_S); a replica that died saves nothing, so no wait then."""
         deadline = time.monotonic() + HANDOVER_WAIT_S
-        home = replica_of(token)
+        home, alive_checked = replica_of(token), -float("inf")
         while True:
             try:
                 return await self.engine.resume(token, from_frame, owner=owner, auto_ack=False, client=client)
             except SessionFailed as exc:
-                if exc.code != "invalid_request" or home in ("", self.id) or time.monotonic() > deadline:
+                unknown = exc.code == "invalid_request" and str(exc) == "unknown resume token"  # not here (yet)
+                if not unknown or home in ("", self.id) or time.monotonic() > deadline:
                     raise
-                if not await asyncio.to_thread(replica_alive, self.app, self.deployment, home):
-                    raise
+                if time.monotonic() - alive_checked >= 1.0:  # asking Ray about the actors costs: once a second
+                    if not await asyncio.to_thread(replica_alive, self.app, self.deployment, home):
+                        raise
+                    alive_checked = time.monotonic()
             await asyncio.sleep(0.25)
 
     async def ack(self, stream: str, frames: int, route: Route | None = None) -> None:
@@ -199,19 +202,22 @@ class EngineReplica:
     def _live_sessions(self) -> int:
         """Live sessions holding (or waiting for) a share of real-time capacity: not paused, not detached."""
         s = self.engine.scheduler
-        return len(s.live_steps()) + len(s.waiting_live)
+        return len(s.live_steps()) + sum(w.params.rows for w in list(s.waiting_live))  # rows: guided ones are 2
 
     def _free_slots(self) -> int:
-        e = self.engine
-        return e.config.max_sessions - e.num_active - e.num_waiting
+        """Cache streams (rows) no admitted or waiting session holds: what `max_sessions` bounds."""
+        s = self.engine.scheduler
+        waiting = sum(w.params.rows for w in (*list(s.waiting_live), *list(s.waiting_background)))
+        return self.engine.config.max_sessions - s.rows_held - waiting
 
     def has_room(self, params: SessionParams) -> bool:
-        """Would the session start now: a live one within real-time capacity, a background one in a free slot."""
+        """Would the session start now: a live one within real-time capacity, a background one in a free slot (a
+        guided session needs two of each)."""
         if params.pace == "realtime":
-            return self.spare_sessions(params.steps) > 0
+            return self.spare_sessions(params.steps) >= params.rows
         e = self.engine
         background = sum(not s.is_live for s in list(e.scheduler.active)) + len(e.scheduler.waiting_background)
-        return self._free_slots() > 0 and background < e.config.max_background_sessions
+        return self._free_slots() >= params.rows and background < e.config.max_background_sessions
 
     async def record_routing_stats(self) -> dict:
         await self._start_background()

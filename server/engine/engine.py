@@ -155,6 +155,9 @@ class Engine:
         height, width = self.pipe.frame_size
         if params.image is not None and tuple(params.image.shape) != (height, width, 3):
             raise ValueError(f"image must be {(height, width, 3)}, got {tuple(params.image.shape)}")
+        if params.rows > self.config.max_sessions:
+            raise ValueError(f"a guided session holds {params.rows} cache streams, more than this server's "
+                             f"max_sessions ({self.config.max_sessions}); use guidance_scale 1")  # fmt: skip
         session = Session(params, created_at=self.clock(), client=client, owner=owner)
         if self.config.id_prefix:
             session.id = f"{self.config.id_prefix}-{session.id}"
@@ -207,6 +210,10 @@ class Engine:
             if adopted is not None:  # not this owner's: back where it was, for its owner
                 await asyncio.to_thread(save_sessions, self.config.resume_dir, [adopted], False)
             raise SessionFailed("invalid_request", "unknown resume token")
+        if adopted is not None and not session.first_held_frame <= from_frame <= session.frames_done:
+            await asyncio.to_thread(save_sessions, self.config.resume_dir, [adopted], False)  # left as it was
+            raise SessionFailed("invalid_request", f"from_frame must be in [{session.first_held_frame}, "
+                                f"{session.frames_done}]: the frames this session still holds")  # fmt: skip
         if adopted is not None and self.config.id_prefix:  # it lives here now: a token that routes a resume here
             session.resume_token = f"{self.config.id_prefix}.{secrets.token_urlsafe(24)}"
         if session.client != client:
@@ -271,9 +278,22 @@ class Engine:
             live = self._live.get(session.id)
             if session.state.is_finished or (handle is not None and (live is None or live.handle is not handle)):
                 return
-        self._call_soon(lambda: None if session.state.is_finished else self.runner.set_prompt(session, prompt,
-                                                                                               recache))  # fmt: skip
+        self._call_soon(lambda: self._switch_prompt(session, prompt, recache))
         self.stats.prompt_switches["recache" if recache else "keep"] += 1
+
+    def _switch_prompt(self, session: Session, prompt: Prompt, recache: bool) -> None:
+        """Engine thread: a switch that fails (a device error copying the prompt, say) fails its session alone."""
+        if session.state.is_finished:
+            return
+        try:
+            self.runner.set_prompt(session, prompt, recache)
+        except Exception as exc:
+            log.error("prompt switch failed for session %s", session.id, exc_info=exc)
+            session.error = f"prompt switch failed: {type(exc).__name__}: {exc}"
+            self.cancel(session)
+            live = self._live.get(session.id)
+            if live is not None and live.handle is not None:
+                live.handle.deliver(SessionFailed("internal", session.error))
 
     @property
     def num_active(self) -> int:

@@ -178,11 +178,12 @@ class Scheduler:
         cfg = self.config
         detached = sorted((s for s in self.active if s.state is SessionState.DETACHED),
                           key=lambda s: s.detached_at)  # type: ignore[arg-type, return-value]  # fmt: skip
-        short = max(0, self.rows_held + self.num_waiting - cfg.max_sessions)  # slots waiting sessions lack
+        waiting_rows = sum(s.params.rows for s in (*self.waiting_live, *self.waiting_background))
+        short = max(0, self.rows_held + waiting_rows - cfg.max_sessions)  # rows waiting sessions lack
         for i, s in enumerate(detached):
             over = len(detached) - i > cfg.max_detached_sessions
             if over or short > 0 or now - s.detached_at >= cfg.resume_grace_s:  # type: ignore[operator]
-                short -= 1
+                short -= s.params.rows
                 plan.unload.append(s)
                 self.active.remove(s)
                 s.state = SessionState.UNLOADED
@@ -217,6 +218,7 @@ class Scheduler:
                 self.active.append(s)
 
     def _batch(self, now: float) -> list[Session]:
+        """Who runs this step (module docstring). Batches are bounded in rows (`max_batch`): a guided session is two."""
         cfg = self.config
         ready = [s for s in self.active if s.state is SessionState.GENERATING]
         first = sorted((s for s in ready if s.is_live and not s.has_generated), key=lambda s: s.admitted_at or 0.0)
@@ -225,43 +227,43 @@ class Scheduler:
                       key=lambda s: (due[s], s.last_step))  # fmt: skip
         background = sorted((s for s in ready if not s.is_live), key=lambda s: s.last_step)
         if first:  # first clips alone, joined only by the live sessions that cannot wait for them
-            live = live[: self._must_join(first[: cfg.max_batch], live, now, due)]
-        batch = (first + live)[: cfg.max_batch]
-        room = min(cfg.max_batch - len(batch), len(background))
+            live = live[: self._must_join(_within(first, cfg.max_batch), live, now, due)]
+        batch = _within(first + live, cfg.max_batch)
+        room = len(_within(background, cfg.max_batch - _rows(batch), at_least_one=not batch))
         if room and batch:
-            room = 0 if first else self._background_room(batch, room, now, due)
+            room = 0 if first else self._background_room(batch, background[:room], now, due)
         elif room:  # background alone: a step short enough that a live session arriving meanwhile waits little
-            room = max(1, self._rows_within(room, cfg.max_background_step_s))
+            room = max(1, self._within_time(background[:room], cfg.max_background_step_s))
         return batch + background[:room]
 
     def _must_join(self, first: list[Session], live: list[Session], now: float, due: dict) -> int:
         """How many of the live sessions (earliest due first) run beside first clips this step: the fewest such that
         every other one is still out on time if it waits for the first clips to finish and then runs in a batch with
         everyone (unmeasured step times: all join; a first clip then shares its batch as it would anyway)."""
-        margin, total = self.config.deadline_margin_s, len(first) + len(live)
+        margin, total = self.config.deadline_margin_s, _rows(first) + _rows(live)
         after, chunk_after = self.capacity.step_time(total), self.capacity.chunk_time(total)
         for k in range(len(live) + 1):
-            step = self.capacity.step_time(len(first) + k)
+            step = self.capacity.step_time(_rows(first) + _rows(live[:k]))
             if step is None or after is None:
                 return len(live)
-            wait = max(s.steps_left for s in first) * step + self.capacity.chunk_time(len(first))
+            wait = max(s.steps_left for s in first) * step + self.capacity.chunk_time(_rows(first))
             if all(now + wait + s.steps_left * after + chunk_after <= due[s] - margin for s in live[k:]):
                 return k
         return len(live)
 
-    def _rows_within(self, rows: int, seconds: float) -> int:
-        """The most rows (at most `rows`) whose step the capacity model puts within `seconds` (unmeasured: all)."""
-        for k in range(rows, 0, -1):
-            step = self.capacity.step_time(k)
+    def _within_time(self, sessions: list[Session], seconds: float) -> int:
+        """The most of `sessions` (a prefix) whose step the capacity model puts within `seconds` (unmeasured: all)."""
+        for k in range(len(sessions), 0, -1):
+            step = self.capacity.step_time(_rows(sessions[:k]))
             if step is None or step <= seconds:
                 return k
         return 0
 
-    def _background_room(self, live: list[Session], room: int, now: float, due: dict) -> int:
-        """How many background rows can join this batch of live sessions with every one still out on time."""
+    def _background_room(self, live: list[Session], background: list[Session], now: float, due: dict) -> int:
+        """How many of `background` (a prefix) can join this batch of live sessions with every one still on time."""
         margin = self.config.deadline_margin_s
-        for k in range(room, 0, -1):
-            b = len(live) + k
+        for k in range(len(background), 0, -1):
+            b = _rows(live) + _rows(background[:k])
             step = self.capacity.step_time(b)
             if step is None:
                 return 0
@@ -269,3 +271,20 @@ class Scheduler:
             if all(now + s.steps_left * step + chunk <= due[s] - margin for s in live):
                 return k
         return 0
+
+
+def _rows(sessions: list[Session]) -> int:
+    """Forward rows of these sessions (a guided session runs two: its unconditional branch too)."""
+    return sum(s.params.rows for s in sessions)
+
+
+def _within(sessions: list[Session], rows: int, at_least_one: bool = True) -> list[Session]:
+    """The longest prefix of `sessions` within `rows` rows; with `at_least_one`, never empty when `sessions` is not
+    (a session of more rows than a batch holds still runs: the runner splits its forward)."""
+    out, used = [], 0
+    for s in sessions:
+        if used + s.params.rows > rows and (out or not at_least_one):
+            break
+        out.append(s)
+        used += s.params.rows
+    return out

@@ -4,6 +4,7 @@ with a prompt and guidance, the prompt changed mid-stream in both modes, a REST 
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -11,6 +12,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from ca2vdm.server.api.requests import Reject, RequestDecoder
+from ca2vdm.server.api.settings import Settings
 from ca2vdm.server.media import read_video
 from ca2vdm.server.model.loader import load_pipeline
 from tests.api.conftest import running_server
@@ -137,3 +140,19 @@ def test_a_video_prediction_model_refuses_a_prompt(server):
     response = httpx.post(f"http://{server}/v1/videos", json={"num_frames": 9, "prompt": "a red circle"})
     assert response.status_code == 422 and "not text-conditioned" in response.json()["error"]["message"]
     assert httpx.get(f"http://{server}/v1/models").json()["text"] is False
+
+
+def test_a_queued_prompt_encode_is_not_refused_for_other_requests_load():
+    """A running stream's prompt change and a queued job encode with `queued`: when other clients' large requests
+    fill `max_pending_requests`, a new request's prompt is refused as busy, theirs waits for the encoder (a refusal
+    would end the stream or fail the job)."""
+    decoder = RequestDecoder(Settings(max_pending_requests=1), load_pipeline("random:tiny-text", device="cpu"))
+    try:
+        decoder._pending = 1  # another client's image is being decoded
+        with pytest.raises(Reject, match="too many large requests") as busy:
+            asyncio.run(decoder.prompt("a red ball"))
+        assert busy.value.code == "server_busy"
+        prompt = asyncio.run(decoder.prompt("a red ball", queued=True))
+        assert prompt is not None and prompt.text == "a red ball" and prompt.y.shape[0] == 8
+    finally:
+        decoder.close()

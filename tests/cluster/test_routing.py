@@ -16,6 +16,7 @@ from ca2vdm.server.cluster.metrics import exposition, merge
 from ca2vdm.server.cluster.remote import ENGINE_DEPLOYMENT, RemoteEngine
 from ca2vdm.server.cluster.router import Ranking, Route, replica_of
 from ca2vdm.server.engine.handle import ServerBusy
+from ca2vdm.server.engine.session import SessionParams
 
 
 def test_a_session_goes_back_to_the_replica_named_in_its_id_or_token():
@@ -103,8 +104,9 @@ class _Replicas:
     """Engine replicas as the ingress's RemoteEngine calls them (a DeploymentHandle's shape), each with room for
     `room[id]` more sessions; a session's cancel gives its room back. Routing: the order of `room`, refusers last."""
 
-    def __init__(self, room: dict[str, int]) -> None:
-        self.room = room
+    def __init__(self, room: dict[str, int], background_room: int = 100, silent: int = 0) -> None:
+        self.room, self.background_room = room, background_room  # background sessions also need a background slot
+        self.silent = silent  # offers that get no answer (a replica died or is being replaced)
         self.started: list[tuple[str, int]] = []  # (replica, seed) in order of admission
         self.open_stream = SimpleNamespace(remote=self._open)
         self.cancel = SimpleNamespace(remote=self._cancel)
@@ -117,11 +119,15 @@ class _Replicas:
         rid = next((r for r in self.room if r not in route.avoid), route.avoid[-1] if route.avoid else "a")
 
         async def answers():
-            if self.room[rid] <= 0:
+            params = request["params"]
+            if self.silent > 0:
+                self.silent -= 1
+                return
+            if self.room[rid] <= 0 or (params.pace == "max" and self.background_room <= 0):
                 yield {"full": True, "replica": rid}
                 return
             self.room[rid] -= 1
-            self.started.append((rid, request["params"]))
+            self.started.append((rid, params.seed))
             yield {"info": SimpleNamespace(session_id=f"{rid}-s{len(self.started)}"), "replica": rid,
                    "num_frames": None, "stream": f"{rid}-s{len(self.started)}#1"}  # fmt: skip
 
@@ -139,13 +145,13 @@ def test_when_every_replica_is_full_a_session_waits_at_the_ingress_for_room_on_a
     async def main() -> None:
         replicas = _Replicas({"a": 1, "b": 1})
         engine = RemoteEngine(replicas, max_waiting=1, admission_wait_s=2.0)
-        first = [await engine.start_session(seed) for seed in (1, 2)]  # type: ignore[arg-type]
+        first = [await engine.start_session(SessionParams(seed=seed)) for seed in (1, 2)]
         assert [h.replica for h in first] == ["a", "b"]
-        waiting = [asyncio.create_task(engine.start_session(seed)) for seed in (3, 4)]  # type: ignore[arg-type]
+        waiting = [asyncio.create_task(engine.start_session(SessionParams(seed=seed))) for seed in (3, 4)]
         await asyncio.sleep(0.3)
         assert engine.num_waiting == 2 and not any(t.done() for t in waiting)
         with pytest.raises(ServerBusy, match="too many"):  # 2 replicas x max_waiting 1 already wait
-            await engine.start_session(5)  # type: ignore[arg-type]
+            await engine.start_session(SessionParams(seed=5))
         first[1].cancel()  # room on b: the first joiner takes it, however recently b noticed
         third = await asyncio.wait_for(waiting[0], 1.0)
         assert third.replica == "b" and not waiting[1].done()
@@ -154,8 +160,39 @@ def test_when_every_replica_is_full_a_session_waits_at_the_ingress_for_room_on_a
         assert [seed for _, seed in replicas.started] == [1, 2, 3, 4] and engine.num_waiting == 0
         started = asyncio.get_running_loop().time()
         with pytest.raises(ServerBusy, match="within 2 s"):
-            await engine.start_session(6)  # type: ignore[arg-type]
+            await engine.start_session(SessionParams(seed=6))
         assert 1.9 < asyncio.get_running_loop().time() - started < 2.5 and engine.num_waiting == 0
+
+    asyncio.run(main())
+
+
+def test_a_waiting_job_holds_up_no_viewer_and_waits_without_a_deadline():
+    """Live and background sessions wait in their own queues at the ingress (as in one engine): a job waiting for a
+    background slot does not stop a viewer that finds room, and it is not refused after admission_wait_s."""
+
+    async def main() -> None:
+        replicas = _Replicas({"a": 2}, background_room=0)
+        engine = RemoteEngine(replicas, max_waiting=2, admission_wait_s=0.5)
+        job = asyncio.create_task(engine.start_session(SessionParams(seed=1, pace="max")))
+        await asyncio.sleep(0.2)
+        assert engine.num_waiting == 1
+        viewer = await asyncio.wait_for(engine.start_session(SessionParams(seed=2)), 1.0)
+        assert viewer.replica == "a"
+        await asyncio.sleep(1.0)  # past admission_wait_s: the job still waits
+        assert not job.done() and engine.num_waiting == 1
+        replicas.background_room = 1
+        assert (await asyncio.wait_for(job, 1.0)).replica == "a"
+        assert [seed for _, seed in replicas.started] == [2, 1]
+
+    asyncio.run(main())
+
+
+def test_a_replica_that_does_not_answer_an_offer_counts_as_full_for_that_round():
+    async def main() -> None:
+        replicas = _Replicas({"a": 1}, silent=2)
+        engine = RemoteEngine(replicas, max_waiting=1, admission_wait_s=5.0)
+        handle = await asyncio.wait_for(engine.start_session(SessionParams(seed=7)), 2.0)
+        assert handle.replica == "a" and replicas.silent == 0
 
     asyncio.run(main())
 

@@ -5,11 +5,13 @@ consumers, and ending sessions that wait or stall too long."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ca2vdm.server.engine.capacity import CapacityModel
 from ca2vdm.server.engine.config import EngineConfig
 from ca2vdm.server.engine.scheduler import Scheduler
 from ca2vdm.server.engine.session import Session, SessionParams, SessionState
+from ca2vdm.server.model.prompt import Prompt
 
 FPS, CHUNK = 8, 8
 
@@ -279,3 +281,23 @@ def test_one_clients_sessions_never_evict_each_other():
     sched.add(c)
     plan = sched.schedule()
     assert [s for s, _, _ in plan.expired] == [a] and plan.prefill == [c]  # fair admission: c before b
+
+
+def guided(n: int, pace: str = "realtime") -> list[Session]:
+    """Sessions with a guided prompt: two rows each (the unconditional branch too)."""
+    prompt = Prompt("a red ball", torch.zeros(4, 8), torch.ones(4, dtype=torch.long), guidance_scale=7.0)
+    return [Session(SessionParams(seed=i, pace=pace, prompt=prompt), created_at=1000.0) for i in range(n)]
+
+
+def test_batches_and_slots_count_rows_not_sessions():
+    sched, clock = make(EngineConfig(max_sessions=6, max_batch=4, max_waiting=4, max_lead_s=100))
+    g, (plain,) = guided(2), sessions(1)
+    start(sched, [*g, plain])  # 5 rows
+    assert sched.rows_held == 5
+    assert sched.schedule().denoise == g  # 4 rows: the plain session would make 5
+    # a guided session waits for 2 rows where 1 is free: the detached plain session's row goes to it
+    plain.state, plain.detached_at = SessionState.DETACHED, clock.now
+    (w,) = guided(1)
+    assert sched.add(w)
+    plan = sched.schedule()
+    assert plan.unload == [plain] and w.state is SessionState.PREFILLING and sched.rows_held == 6

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ca2vdm.server.engine.config import EngineConfig
-from ca2vdm.server.engine.engine import Engine
+from ca2vdm.server.engine.engine import Engine, SessionFailed
 from ca2vdm.server.engine.session import SessionParams
 from ca2vdm.server.model.generate import Conditioner, generate_video, perturb_for_cache
 from ca2vdm.server.model.loader import load_pipeline
@@ -258,3 +258,30 @@ def test_a_prompt_for_a_video_model_fails_its_session(pipe):
             engine.stop()
 
     asyncio.run(main())
+
+
+def test_a_failing_prompt_switch_fails_its_session_alone(pipe, monkeypatch):
+    async def main():
+        engine = Engine(pipe, config(max_sessions=4, max_batch=4)).start()
+        try:
+            other = await engine.start_session(SessionParams(pace="max", seed=1, steps=2, num_frames=25,
+                                                             prompt=prompt(pipe, 1, 4)))  # fmt: skip
+            victim = await engine.start_session(SessionParams(pace="max", seed=2, steps=2, prompt=prompt(pipe, 2, 4)),
+                                                auto_ack=False)  # fmt: skip
+            await victim.__aiter__().__anext__()
+
+            def broken(*args, **kwargs):
+                raise RuntimeError("device lost")
+
+            monkeypatch.setattr(engine.runner, "set_prompt", broken)
+            victim.set_prompt(prompt(pipe, 3, 4))
+            with pytest.raises(SessionFailed, match="prompt switch failed"):
+                async for _ in victim:
+                    pass
+            frames = sum(clip.num_frames for clip in await collect(other))
+            return frames, engine.alive
+        finally:
+            engine.stop()
+
+    frames, alive = asyncio.run(main())
+    assert frames == 25 and alive
