@@ -279,7 +279,6 @@ class Engine:
             if session.state.is_finished or (handle is not None and (live is None or live.handle is not handle)):
                 return
         self._call_soon(lambda: self._switch_prompt(session, prompt, recache))
-        self.stats.prompt_switches["recache" if recache else "keep"] += 1
 
     def _switch_prompt(self, session: Session, prompt: Prompt, recache: bool) -> None:
         """Engine thread: a switch that fails (a device error copying the prompt, say) fails its session alone."""
@@ -287,6 +286,7 @@ class Engine:
             return
         try:
             self.runner.set_prompt(session, prompt, recache)
+            self.stats.prompt_switches["recache" if recache else "keep"] += 1  # switches taken, not asked for
         except Exception as exc:
             log.error("prompt switch failed for session %s", session.id, exc_info=exc)
             session.error = f"prompt switch failed: {type(exc).__name__}: {exc}"

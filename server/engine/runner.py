@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -91,8 +91,9 @@ class HostState:
     @property
     def nbytes(self) -> int:
         kept = [self.history, self.x, self.generator, *([self.x0_prev] if self.x0_prev is not None else [])]
-        if self.prompt is not None:
-            kept += [self.prompt.y, self.prompt.mask]
+        for prompt in (self.prompt, self.pending[0] if self.pending is not None else None):
+            if prompt is not None:
+                kept += [prompt.y, prompt.mask]
         return sum(t.numel() * t.element_size() for t in kept)
 
 
@@ -371,8 +372,9 @@ class ModelRunner:
 
     def host_state(self, session: Session) -> HostState:
         """The session's generation as host tensors (for unloading, or saving it to disk)."""
-        if session.id in self.unloaded:
-            return self.unloaded[session.id]
+        if session.id in self.unloaded:  # with a switch asked for while it waited for its rebuild, if any
+            state = self.unloaded[session.id]
+            return replace(state, pending=self.pending_prompts.get(session.id, state.pending))
         g = self.states[session.id]
         history = torch.cat(g.history, dim=2)[:, :, -self.max_cache_frames :]
         return HostState(history=history.cpu(), first_frame=g.pages.num_written - history.shape[2], x=g.x.cpu(),

@@ -6,6 +6,7 @@ same; a saved session keeps its current prompt."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -285,3 +286,21 @@ def test_a_failing_prompt_switch_fails_its_session_alone(pipe, monkeypatch):
 
     frames, alive = asyncio.run(main())
     assert frames == 25 and alive
+
+
+def test_a_switch_asked_for_while_unloaded_is_what_a_save_keeps(pipe):
+    """A resumed session waiting for its rebuild takes a prompt switch: saving it again (a detach, a shutdown) keeps
+    that switch, not the older one its unloaded state had."""
+    from ca2vdm.server.engine.runner import ModelRunner
+    from ca2vdm.server.engine.session import Session
+
+    runner = ModelRunner(pipe, config(max_sessions=2, max_batch=2))
+    s = Session(SessionParams(seed=3, steps=2, prompt=prompt(pipe, 1, 4)))
+    runner.prefill([s])
+    runner.set_prompt(s, prompt(pipe, 2, 4), recache=False)
+    runner.unload(s)
+    assert runner.host_state(s).pending[0].text == "prompt 2"
+    runner.set_prompt(s, prompt(pipe, 3, 4), recache=True)  # while it waits for its rebuild
+    state = runner.host_state(s)
+    assert state.pending[0].text == "prompt 3" and state.pending[1] is True
+    assert state.nbytes > dataclasses.replace(state, pending=None).nbytes  # the pending prompt's features count
