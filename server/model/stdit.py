@@ -62,6 +62,10 @@ class _Pass:
     prefix_index: Tensor | None = None  # full mode: (B, P) frame indices of each sample's prefix frames
 
 
+# buffers a new model draws at random (checkpoints hold them), N(0, 1/channels): name -> the channel dimension
+RANDOM_BUFFERS = {"bov_token": 0, "y_embedding": -1}
+
+
 class CausalSTDiTBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
@@ -339,8 +343,13 @@ class CausalSTDiT(nn.Module):
     def randomize_(self, seed: int = 0, std_scale: float = 1.0) -> CausalSTDiT:
         """Random, non-degenerate weights (tests and benchmarks): N(0, std_scale^2 / fan_in) weights,
         small random biases and modulation tables. Unlike training init, no output layer is zeroed, so
-        every path of the network influences the output."""
+        every path of the network influences the output. The random buffers (the begin-of-video token, the null
+        caption) are drawn again from the same seed, so that every process builds the same model (a cluster's
+        replicas of a random model generate the same video for a seed)."""
         gen = torch.Generator().manual_seed(seed)
+        for name, buf in self.named_buffers():
+            if (dim := RANDOM_BUFFERS.get(name.rsplit(".", 1)[-1])) is not None:
+                buf.copy_(torch.randn(buf.shape, generator=gen) / buf.shape[dim] ** 0.5)
         for name, param in self.named_parameters():
             if param.dim() >= 2:
                 fan_in = param[0].numel()

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import av
@@ -69,29 +70,39 @@ def deploy(args: dict) -> None:
     serve.run(build(args), name=APP, route_prefix="/")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, postgres_url, s3_url) -> Iterator[Cluster]:
-    """Two engine replicas (max_sessions=2, max_waiting=0 each), jobs in PostgreSQL with MP4s in S3 (moto)."""
-    tmp = tmp_path_factory.mktemp("cluster")
+@contextmanager
+def local_cluster(args: dict, s3_url: str, ready_s: float = 60) -> Iterator[Cluster]:
+    """A local Ray cluster with two logical GPUs running the app built from `args` (S3 objects at `s3_url`, reachable
+    from the replicas too), once every replica is ready; shut down after."""
     objects_from_url(s3_url, create_bucket=True)
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # the S3 endpoint, for the replicas too
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": aws})  # fmt: skip
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        deploy(args)
+        c = Cluster(f"http://127.0.0.1:{port}", args)
+        deadline = time.monotonic() + ready_s
+        while c.get("/readyz").status_code != 200 or c.metric("ca2vdm_cluster_replicas") < args["replicas"]:
+            assert time.monotonic() < deadline, "the app did not become ready"
+            time.sleep(0.5)
+        yield c
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, postgres_url, s3_url) -> Iterator[Cluster]:
+    """Two engine replicas (max_sessions=2, max_waiting=0 each), jobs in PostgreSQL with MP4s in S3 (moto)."""
+    tmp = tmp_path_factory.mktemp("cluster")
     args = {"replicas": 2, "cpus_per_replica": 0.5, "torch_threads": 1, "model": "random:tiny", "device": "cpu",
             "data_dir": str(tmp / "data"), "session_dir": str(tmp / "sessions"), "max_sessions": 2,
             "max_waiting": 0, "graceful_shutdown_timeout_s": 30, "job_store_url": new_database(postgres_url),
             "object_store_url": s3_url, "job_lease_s": 2.0}  # fmt: skip
-    deploy(args)
-    c = Cluster(f"http://127.0.0.1:{port}", args)
-    deadline = time.monotonic() + 60
-    while c.get("/readyz").status_code != 200 or c.metric("ca2vdm_cluster_replicas") < 2:
-        assert time.monotonic() < deadline, "the app did not become ready"
-        time.sleep(0.5)
-    yield c
-    serve.shutdown()
-    ray.shutdown()
+    with local_cluster(args, s3_url) as c:
+        yield c
 
 
 async def _open(client: StreamClient, **kwargs) -> tuple[object, Ready]:

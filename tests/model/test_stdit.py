@@ -244,3 +244,15 @@ def test_input_and_output_projections_keep_full_precision_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x, torch.tensor([[0, 999, 999]]), torch.tensor([[1.0, 0.0, 0.0]]))
     assert seen == {"embed": torch.float32, "final": torch.float32, "block": torch.bfloat16}
+
+
+def test_a_random_model_is_the_same_in_every_process():
+    """`randomize_(seed)` decides every random tensor, buffers included (the begin-of-video token, the null caption):
+    whatever the global RNG did before, two builds are equal (a cluster's replicas of a random model agree)."""
+    config = get_preset("tiny-text").model
+    builds = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        builds.append(CausalSTDiT(config).randomize_(0).state_dict())
+    assert builds[0].keys() == builds[1].keys()
+    assert all(torch.equal(builds[0][k], builds[1][k]) for k in builds[0])
