@@ -1,11 +1,13 @@
 """Where the time to a session's first generated clip goes, on a started engine (random XL/2 + SD-VAE).
 
-Runs single sessions one after another (an image, 25 DDIM steps, 2 chunks) and, for each, the time from
+Runs single sessions one after another (an image, 25 DDIM steps or each of `--steps`, 2 chunks) and, for each, the
+time from
 `start_session` to clip 1 together with the GPU-synchronised time of every runner phase inside it (prefill,
 the denoising steps, the decode). Each phase is wrapped so that it synchronises the GPU when it ends; the
 sum of the phases against the wall time shows what the engine loop and the delivery add.
 
-Usage: python bench/first_clip.py --out first_clip.json [--precision bf16|fp8] [--sessions 4] [--commit SHA]
+Usage: python bench/first_clip.py --out first_clip.json [--precision bf16|fp8] [--sessions 4] [--steps 25,4]
+       [--commit SHA]
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def timed(log: list, name: str, fn):
     return wrapper
 
 
-async def one_session(engine: Engine, image: torch.Tensor, seed: int) -> dict:
+async def one_session(engine: Engine, image: torch.Tensor, seed: int, steps: int) -> dict:
     start = time.perf_counter()
-    handle = await engine.start_session(SessionParams(image=image, seed=seed, sampler="ddim", steps=25, num_frames=17))
+    params = SessionParams(image=image, seed=seed, sampler="ddim", steps=steps, num_frames=17)
+    handle = await engine.start_session(params)
     arrivals = []
     async for _clip in handle:
         arrivals.append(time.perf_counter())
@@ -54,6 +57,7 @@ def main() -> None:
     parser.add_argument("--out", default="first_clip.json")
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--steps", default="25", help="DDIM steps per chunk, comma-separated: each gets --sessions")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
     pipe = load_pipeline("random:XL/2", device="cuda", precision=args.precision)
@@ -65,15 +69,16 @@ def main() -> None:
     image = torch.randint(0, 256, (*pipe.frame_size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     rows = []
     try:
-        for i in range(args.sessions):
+        for i, steps in ((i, int(s)) for s in args.steps.split(",") for i in range(args.sessions)):
             log.clear()
-            r = asyncio.run(one_session(engine, image, seed=i))
+            r = asyncio.run(one_session(engine, image, seed=i, steps=steps))
             phases: dict[str, float] = {}
             for name, a, b in log:
                 if a >= r["start"] and b <= r["clip1"]:
                     phases[name] = phases.get(name, 0.0) + (b - a) * 1e3
             rows.append({
                 "session": i,
+                "steps": steps,
                 "time_to_first_generated_clip_ms": (r["clip1"] - r["start"]) * 1e3,
                 "time_to_clip0_ms": (r["clip0"] - r["start"]) * 1e3,
                 "phases_ms_until_clip1": phases,
