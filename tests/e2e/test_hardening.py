@@ -14,13 +14,14 @@ import time
 import zlib
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from tests.api.conftest import APPS, running_server
-from tests.e2e.test_reliability import assert_idle, metrics, stream
+from tests.e2e.test_reliability import assert_idle, decode, metrics, stream
 
 GOOD = {"type": "start", "seed": 1, "steps": 2, "num_frames": 17, "format": "jpeg"}
 
@@ -337,3 +338,52 @@ def test_pagination_is_exact_and_survives_a_deleted_cursor(tiny_pipe):
         after_deleted = httpx.get(url, params={"limit": 2, "after": ids[2]}).json()
         assert [j["id"] for j in after_deleted["data"]] == ids[:2][::-1]
         assert httpx.get(url, params={"after": "video_garbage"}).status_code == 422  # not a job id: the schema says
+
+
+# ---- prompts (text-conditioned models) ------------------------------------------------------------------------
+
+
+def test_hostile_prompts_leave_a_good_guided_stream_untouched():
+    """Against a text model, while a good client streams with a guided prompt: the longest prompt allowed, one
+    character more, prompt changes as fast as a client can send them, prompts of the wrong type or nested deep, and
+    several streams each with a long prompt of its own (cache misses). The bad requests get invalid_request and a
+    1008 close, the allowed ones stream, and the good client's frames are those of its run alone."""
+    from ca2vdm.server.model.loader import load_pipeline
+    from ca2vdm.server.model.text import MAX_PROMPT_CHARS
+
+    pipe = load_pipeline("random:tiny-text", device="cpu")
+    good = {**GOOD, "prompt": "a red circle", "guidance_scale": 3.0}
+    longest = "a red circle and a blue square " * (MAX_PROMPT_CHARS // 30)
+    longest = longest[:MAX_PROMPT_CHARS]
+    with running_server(pipe, max_sessions=8, max_batch=8, max_sessions_per_client=0, max_invalid_requests=0,
+                        min_prompt_interval_s=1.0) as address:  # fmt: skip
+        alone = asyncio.run(stream(address, good))
+
+        def start(prompt: str, **extra) -> str:
+            return json.dumps({**GOOD, "prompt": prompt, "num_frames": 25, **extra})
+
+        async def main():
+            victim = asyncio.create_task(stream(address, good))
+            flood = [json.dumps({"type": "prompt", "text": f"prompt number {i}"}) for i in range(50)]
+            bad = await asyncio.gather(
+                messages(address, start(longest + "x")),  # one character over
+                messages(address, start("a red circle"), *flood),  # changes faster than one a second
+                messages(address, start("a red circle"), json.dumps({"type": "prompt", "text": 5})),
+                messages(address, start("a red circle"), '{"type": "prompt", "text": "x", "recache": "yes"}'),
+                messages(address, start("a red circle"), '{"type": "prompt", "text": ' + "[" * 5000 + "]" * 5000 + "}"),
+            )
+            allowed = await asyncio.gather(*(messages(address, start(f"{i} {longest}"[:MAX_PROMPT_CHARS]))
+                                             for i in range(3)))  # fmt: skip
+            return bad, allowed, await victim
+
+        bad, allowed, victim = asyncio.run(main())
+        for got, code in bad:
+            assert code == 1008 and got[-1]["type"] == "error" and got[-1]["code"] == "invalid_request", got
+        assert "2000" in bad[0][0][-1]["message"]
+        assert "per 1 s" in bad[1][0][-1]["message"]  # the flood: its second change within the interval
+        for got, code in allowed:
+            assert code == 1000 and got[-1] == {"type": "done", "frames": 25}, got
+        assert victim["messages"][-1] == {"type": "done", "frames": 17}
+        assert len(victim["jpegs"]) == len(alone["jpegs"]) == 17  # its frames are those of its run alone (within
+        assert np.abs(decode(victim["jpegs"]) - decode(alone["jpegs"])).mean() < 0.5  # JPEG rounding of fp32 noise)
+        assert_idle(address)
