@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -176,8 +176,7 @@ async def _job_at_load(engine: Engine, pipe: Pipeline, steps: int, viewers: list
     capacity, and the viewers' stalls while it runs (it must cause none)."""
     for v in viewers:
         v.reset()
-    params = _params(pipe, steps, seed=777)
-    params = SessionParams(image=params.image, seed=777, sampler="ddim", steps=steps, num_frames=frames, pace="max")
+    params = replace(_params(pipe, steps, seed=777), num_frames=frames, pace="max")
     got = 0
 
     async def run() -> None:

@@ -31,7 +31,7 @@ from ray import serve
 from ca2vdm.server.api.metrics import metrics_text
 from ca2vdm.server.api.settings import Settings
 from ca2vdm.server.engine.engine import Engine, ServerBusy, SessionFailed, SessionHandle
-from ca2vdm.server.engine.session import Prompt, SessionParams
+from ca2vdm.server.engine.session import Prompt, SessionParams, rows_of
 from ca2vdm.server.model.diffusion import SAMPLERS
 from ca2vdm.server.model.loader import load_pipeline
 
@@ -202,13 +202,12 @@ class EngineReplica:
     def _live_sessions(self) -> int:
         """Live sessions holding (or waiting for) a share of real-time capacity: not paused, not detached."""
         s = self.engine.scheduler
-        return len(s.live_steps()) + sum(w.params.rows for w in list(s.waiting_live))  # rows: guided ones are 2
+        return len(s.live_steps()) + rows_of(list(s.waiting_live))  # rows: a guided session is two
 
     def _free_slots(self) -> int:
         """Cache streams (rows) no admitted or waiting session holds: what `max_sessions` bounds."""
         s = self.engine.scheduler
-        waiting = sum(w.params.rows for w in (*list(s.waiting_live), *list(s.waiting_background)))
-        return self.engine.config.max_sessions - s.rows_held - waiting
+        return self.engine.config.max_sessions - s.rows_held - s.rows_waiting
 
     def has_room(self, params: SessionParams) -> bool:
         """Would the session start now: a live one within real-time capacity, a background one in a free slot (a

@@ -30,7 +30,7 @@ from ca2vdm.server.model.loader import Pipeline
 
 from .config import EngineConfig
 from .graphs import GraphedDenoiser, GraphedWriter
-from .session import Prompt, Session, SessionParams
+from .session import Prompt, Session, SessionParams, rows_of
 
 
 @dataclass(eq=False)
@@ -454,7 +454,7 @@ class ModelRunner:
     def denoise(self, sessions: list[Session]) -> list[Session]:
         """One denoising step for every session (one batched forward; each at its own index and cache length).
         Returns the sessions whose chunk is now finished (ready for `decode_chunks`)."""
-        with self.timer("step", sum(s.params.rows for s in sessions)):  # the capacity model counts rows
+        with self.timer("step", rows_of(sessions)):  # the capacity model counts rows
             return self._denoise(sessions)
 
     def _denoise(self, sessions: list[Session]) -> list[Session]:
@@ -502,7 +502,7 @@ class ModelRunner:
         """Write the finished chunks of sessions that go on into their caches (one batched write) and start
         their next chunk."""
         gens = [self.states[s.id] for s in sessions]
-        with self.timer("write", sum(s.params.rows for s in sessions)):
+        with self.timer("write", rows_of(sessions)):
             clean = torch.cat([perturb_for_cache(g.x, g.sampler, self.perturb_t, g.generator) for g in gens])
             self._write([g.streams() for g in gens], [g.caption for g in gens], clean)
         for i, (s, g) in enumerate(zip(sessions, gens, strict=True)):

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from .capacity import CapacityModel
 from .config import EngineConfig
-from .session import Session, SessionState
+from .session import Session, SessionState, rows_of
 
 
 @dataclass
@@ -107,7 +107,12 @@ class Scheduler:
     @property
     def rows_held(self) -> int:
         """Cache streams the admitted sessions hold (a guided session holds two): `max_sessions` bounds this."""
-        return sum(s.params.rows for s in self.active)
+        return rows_of(self.active)
+
+    @property
+    def rows_waiting(self) -> int:
+        """Cache streams the waiting sessions will hold once admitted."""
+        return rows_of(self.waiting_live) + rows_of(self.waiting_background)
 
     def live_steps(self) -> list[int]:
         """Denoising steps per chunk of the admitted live sessions that are not paused: the real-time load. A paused
@@ -178,8 +183,7 @@ class Scheduler:
         cfg = self.config
         detached = sorted((s for s in self.active if s.state is SessionState.DETACHED),
                           key=lambda s: s.detached_at)  # type: ignore[arg-type, return-value]  # fmt: skip
-        waiting_rows = sum(s.params.rows for s in (*self.waiting_live, *self.waiting_background))
-        short = max(0, self.rows_held + waiting_rows - cfg.max_sessions)  # rows waiting sessions lack
+        short = max(0, self.rows_held + self.rows_waiting - cfg.max_sessions)  # rows waiting sessions lack
         for i, s in enumerate(detached):
             over = len(detached) - i > cfg.max_detached_sessions
             if over or short > 0 or now - s.detached_at >= cfg.resume_grace_s:  # type: ignore[operator]
@@ -229,7 +233,7 @@ class Scheduler:
         if first:  # first clips alone, joined only by the live sessions that cannot wait for them
             live = live[: self._must_join(_within(first, cfg.max_batch), live, now, due)]
         batch = _within(first + live, cfg.max_batch)
-        room = len(_within(background, cfg.max_batch - _rows(batch), at_least_one=not batch))
+        room = len(_within(background, cfg.max_batch - rows_of(batch), at_least_one=not batch))
         if room and batch:
             room = 0 if first else self._background_room(batch, background[:room], now, due)
         elif room:  # background alone: a step short enough that a live session arriving meanwhile waits little
@@ -240,13 +244,13 @@ class Scheduler:
         """How many of the live sessions (earliest due first) run beside first clips this step: the fewest such that
         every other one is still out on time if it waits for the first clips to finish and then runs in a batch with
         everyone (unmeasured step times: all join; a first clip then shares its batch as it would anyway)."""
-        margin, total = self.config.deadline_margin_s, _rows(first) + _rows(live)
+        margin, total = self.config.deadline_margin_s, rows_of(first) + rows_of(live)
         after, chunk_after = self.capacity.step_time(total), self.capacity.chunk_time(total)
         for k in range(len(live) + 1):
-            step = self.capacity.step_time(_rows(first) + _rows(live[:k]))
+            step = self.capacity.step_time(rows_of(first) + rows_of(live[:k]))
             if step is None or after is None:
                 return len(live)
-            wait = max(s.steps_left for s in first) * step + self.capacity.chunk_time(_rows(first))
+            wait = max(s.steps_left for s in first) * step + self.capacity.chunk_time(rows_of(first))
             if all(now + wait + s.steps_left * after + chunk_after <= due[s] - margin for s in live[k:]):
                 return k
         return len(live)
@@ -254,7 +258,7 @@ class Scheduler:
     def _within_time(self, sessions: list[Session], seconds: float) -> int:
         """The most of `sessions` (a prefix) whose step the capacity model puts within `seconds` (unmeasured: all)."""
         for k in range(len(sessions), 0, -1):
-            step = self.capacity.step_time(_rows(sessions[:k]))
+            step = self.capacity.step_time(rows_of(sessions[:k]))
             if step is None or step <= seconds:
                 return k
         return 0
@@ -263,7 +267,7 @@ class Scheduler:
         """How many of `background` (a prefix) can join this batch of live sessions with every one still on time."""
         margin = self.config.deadline_margin_s
         for k in range(len(background), 0, -1):
-            b = _rows(live) + _rows(background[:k])
+            b = rows_of(live) + rows_of(background[:k])
             step = self.capacity.step_time(b)
             if step is None:
                 return 0
@@ -271,11 +275,6 @@ class Scheduler:
             if all(now + s.steps_left * step + chunk <= due[s] - margin for s in live):
                 return k
         return 0
-
-
-def _rows(sessions: list[Session]) -> int:
-    """Forward rows of these sessions (a guided session runs two: its unconditional branch too)."""
-    return sum(s.params.rows for s in sessions)
 
 
 def _within(sessions: list[Session], rows: int, at_least_one: bool = True) -> list[Session]:

@@ -23,6 +23,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -213,3 +214,8 @@ class Session:
         """(clips, bytes) produced and not yet acknowledged."""
         with self._lock:
             return len(self._unacked), self._unacked_bytes
+
+
+def rows_of(sessions: Iterable[Session]) -> int:
+    """Forward rows (and cache streams) these sessions take: a guided session two, its unconditional branch too."""
+    return sum(s.params.rows for s in sessions)
